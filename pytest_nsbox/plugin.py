@@ -1,0 +1,1 @@
+"""The pytest hooks of pytest-nsbox (being built)."""
