@@ -1,0 +1,116 @@
+"""The sandbox's view of the file system, set up by the sandbox's init.
+
+The order matters and is kept in one function, :func:`set_up`, so a failure
+points at its step:
+
+1. make every mount private, so nothing below propagates to the host;
+2. open the host paths that stay writable (``writable=``, pytest's basetemp)
+   before the overlay can hide them;
+3. a detached tmpfs holds the overlay's upper and work directories;
+4. overlayfs on the rootdir's own path: the repo as it is, every write
+   landing in the upper layer and thrown away with the sandbox;
+5. a private, size-limited ``/tmp`` and ``/dev/shm``;
+6. the held paths bound back at their own paths (inside the new ``/tmp`` too);
+7. a ``/proc`` for the new pid namespace.
+
+Mounted by real root, the overlay gets ``redirect_dir=on`` (directory
+renames work); in a user namespace it needs ``userxattr`` (without it,
+deleting a directory fails with EIO), which excludes ``redirect_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pytest_nsbox import kernel
+
+DEV_SHM_SIZE = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FilesystemPlan:
+    """What the sandbox's mount namespace should look like; built in the parent."""
+
+    rootdir: str
+    privileged: bool
+    private_tmp: bool
+    tmp_size: int
+    upper_size: int
+    passthrough: tuple[str, ...]
+
+
+def _escape_option(path: str) -> str:
+    """Overlay option values split on ',' and ':'; a backslash escapes them."""
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def _open_path(path: str) -> int:
+    try:
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise kernel.SandboxSetupError(f"open {path}", exc.errno or 0) from None
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _bind(fd: int, target: str) -> None:
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as exc:
+        raise kernel.SandboxSetupError(f"mkdir {target}", exc.errno or 0) from None
+    kernel.mount(f"/proc/self/fd/{fd}", target, None, kernel.MS_BIND | kernel.MS_REC, None)
+
+
+def mount_overlay(rootdir: str, scratch_fd: int, privileged: bool) -> None:
+    """Overlay on ``rootdir`` with its upper/work dirs in the scratch tmpfs."""
+    for name in ("upper", "work"):
+        os.mkdir(name, 0o755, dir_fd=scratch_fd)
+    scratch = f"/proc/self/fd/{scratch_fd}"
+    options = (
+        f"lowerdir={_escape_option(rootdir)},upperdir={scratch}/upper,workdir={scratch}/work,"
+        + ("redirect_dir=on" if privileged else "userxattr")
+    )
+    kernel.mount("overlay", rootdir, "overlay", 0, options)
+
+
+def set_up(plan: FilesystemPlan) -> tuple[int, int]:
+    """Run the mount sequence.
+
+    Returns the scratch tmpfs (its ``upper`` holds what the test wrote) and the
+    repo as it is beneath the overlay, both as fds the test never inherits.
+    """
+    kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, None)
+    held = {path: _open_path(path) for path in plan.passthrough}
+    lower_fd = os.open(plan.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    scratch_fd = kernel.detached_tmpfs(plan.upper_size)
+    mount_overlay(plan.rootdir, scratch_fd, plan.privileged)
+    hidden_tops = ["/dev/shm"]
+    if plan.private_tmp:
+        hidden_tops.append("/tmp")
+    if any(_under(plan.rootdir, top) for top in hidden_tops):
+        held[plan.rootdir] = _open_path(plan.rootdir)
+    if plan.private_tmp:
+        kernel.mount(
+            "nsbox-tmp",
+            "/tmp",
+            "tmpfs",
+            kernel.MS_NOSUID | kernel.MS_NODEV,
+            f"size={plan.tmp_size},mode=1777",
+        )
+    kernel.mount(
+        "nsbox-shm",
+        "/dev/shm",
+        "tmpfs",
+        kernel.MS_NOSUID | kernel.MS_NODEV,
+        f"size={DEV_SHM_SIZE},mode=1777",
+    )
+    for path in sorted(held, key=lambda p: p.count("/")):
+        try:
+            _bind(held[path], path)
+        finally:
+            os.close(held[path])
+    kernel.mount("proc", "/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV, None)
+    return scratch_fd, lower_fd

@@ -1,0 +1,196 @@
+"""The Linux calls the sandbox is built from, each behind one small function.
+
+Python's ``os`` module lacks most of them before 3.12 (``unshare``, ``mount``,
+``sethostname``, the new mount API), so they go through libc with ctypes.
+Every wrapper raises :class:`SandboxSetupError`, which names the step, the
+path and the errno, so a failed set-up reads like bubblewrap's messages:
+``mount overlay on /repo failed: EINVAL (Invalid argument)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+MNT_DETACH = 0x2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_SYS_FSOPEN = 430  # the same number on every architecture (unified syscall table)
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
+_FSOPEN_CLOEXEC = 0x1
+_FSCONFIG_SET_STRING = 1
+_FSCONFIG_CMD_CREATE = 6
+_FSMOUNT_CLOEXEC = 0x1
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+
+
+class SandboxSetupError(OSError):
+    """A set-up step failed; the message names the step, the path and the errno."""
+
+    def __init__(self, step: str, err: int, detail: str = "") -> None:
+        name = errno.errorcode.get(err, f"errno {err}")
+        message = f"{step} failed: {name} ({os.strerror(err)})"
+        if detail:
+            message += f"; {detail}"
+        super().__init__(err, message)
+        self.step = step
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _check(result: int, step: str) -> int:
+    if result < 0:
+        raise SandboxSetupError(step, ctypes.get_errno())
+    return result
+
+
+def _b(value: str | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def unshare(flags: int) -> None:
+    """unshare(2): enter new namespaces (the calling process only)."""
+    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({describe_clone_flags(flags)})")
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+) -> None:
+    """mount(2), with the file system type and target in the error."""
+    what = fstype or ("bind" if flags & MS_BIND else "propagation")
+    _check(
+        _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
+        f"mount {what} on {target}",
+    )
+
+
+def umount2(target: str, flags: int) -> None:
+    """umount2(2)."""
+    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
+
+
+def sethostname(name: str) -> None:
+    """sethostname(2) in the current UTS namespace."""
+    raw = name.encode()
+    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), f"sethostname {name!r}")
+
+
+def prctl(option: int, arg: int) -> None:
+    """prctl(2) with one argument."""
+    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def detached_tmpfs(size: int, mode: int = 0o700) -> int:
+    """A tmpfs that is mounted nowhere: fsopen + fsconfig + fsmount.
+
+    Returns a mount file descriptor. The overlay's upper and work directories
+    live in it and are reached through ``/proc/self/fd/N``, so no mount point
+    has to be borrowed (any borrowed directory could be an ancestor of the
+    repository) and nothing of it is visible to the test.
+    """
+    fs_fd = _check(
+        _libc.syscall(_SYS_FSOPEN, b"tmpfs", ctypes.c_uint(_FSOPEN_CLOEXEC)), "fsopen tmpfs"
+    )
+    try:
+        for key, value in ((b"size", str(size).encode()), (b"mode", f"{mode:o}".encode())):
+            _check(
+                _libc.syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key, value, 0),
+                f"fsconfig tmpfs {key.decode()}={value.decode()}",
+            )
+        _check(
+            _libc.syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0),
+            "fsconfig tmpfs create",
+        )
+        return _check(
+            _libc.syscall(_SYS_FSMOUNT, fs_fd, ctypes.c_uint(_FSMOUNT_CLOEXEC), ctypes.c_uint(0)),
+            "fsmount tmpfs",
+        )
+    finally:
+        os.close(fs_fd)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def drop_capabilities() -> None:
+    """capset(2) with empty sets: the process keeps no capability at all.
+
+    A plain user who enters a user namespace gets every capability inside it;
+    dropping them makes permission checks (a ``chmod 000`` file, "am I root")
+    behave as they do on the host.
+    """
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset (drop all)")
+
+
+_FLAG_NAMES = (
+    (CLONE_NEWUSER, "user"),
+    (CLONE_NEWNS, "mnt"),
+    (CLONE_NEWPID, "pid"),
+    (CLONE_NEWNET, "net"),
+    (CLONE_NEWUTS, "uts"),
+    (CLONE_NEWIPC, "ipc"),
+    (CLONE_NEWCGROUP, "cgroup"),
+)
+
+
+def describe_clone_flags(flags: int) -> str:
+    """``user+mnt+pid`` for a set of CLONE_NEW* flags."""
+    return "+".join(name for flag, name in _FLAG_NAMES if flags & flag)
+
+
+def write_file(path: str, data: str) -> None:
+    """Write a small proc/sys file in one write(2), naming it on failure."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SandboxSetupError(f"open {path}", exc.errno or errno.EIO) from None
+    try:
+        os.write(fd, data.encode())
+    except OSError as exc:
+        raise SandboxSetupError(
+            f"write {data.strip()!r} to {path}", exc.errno or errno.EIO
+        ) from None
+    finally:
+        os.close(fd)

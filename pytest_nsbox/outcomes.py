@@ -1,0 +1,351 @@
+"""From what the kernel did to a sandbox to the test's reports.
+
+The inputs are facts: the reports the test process sent, the frames its init
+sent (exit status, processes left running), the wait status and the cgroup's
+counters read by the parent. Nothing is guessed from an exit code: an OOM
+kill is the cgroup's ``oom_kill`` counter, a pid-limit hit its ``pids``
+event count. Each event becomes one line a user can read at a glance, the
+first line of the failure and of the short summary, and a status letter of
+its own in the progress line (see :func:`teststatus`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pytest
+
+from pytest_nsbox.config import SandboxSettings, format_size
+from pytest_nsbox.runner import SandboxRun
+
+PHASES = ("setup", "call", "teardown")
+
+# event -> (status letter, verbose word); the category stays "failed" so the
+# failure is listed, counted and turns the exit status like any other.
+EVENT_STATUS = {
+    "oom": ("M", "OOM-KILLED"),
+    "timeout": ("T", "TIMEOUT"),
+    "crash": ("C", "CRASHED"),
+    "pids": ("P", "PIDS-LIMIT"),
+    "throttle": ("H", "THROTTLED"),
+    "writes": ("W", "WROTE-REPO"),
+    "sandbox": ("E", "SANDBOX-ERROR"),
+}
+
+
+@dataclass
+class Usage:
+    """What one sandbox used, as recorded in reports, junit and the JSON report."""
+
+    wall_seconds: float
+    cpu_seconds: float | None = None
+    memory_peak: int | None = None
+    nr_periods: int | None = None
+    nr_throttled: int | None = None
+    throttled_seconds: float | None = None
+    pids_peak: int | None = None
+    oom_kills: int = 0
+    pids_max_hits: int = 0
+
+
+@dataclass
+class Outcome:
+    """The reports of one sandboxed test plus the facts behind them."""
+
+    reports: list[pytest.TestReport]
+    usage: Usage
+    events: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    left_running: list[list[Any]] = field(default_factory=list)
+    writes: dict[str, list[str]] | None = None
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def failure(item: pytest.Item, when: str, message: str) -> pytest.TestReport:
+    """A failed report for ``when`` whose crash line is exactly ``message``'s first line."""
+
+    def fail() -> None:
+        pytest.fail(message, pytrace=False)
+
+    report = pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(fail, when))  # type: ignore[arg-type]
+    _set_crash_line(item, report, message.splitlines()[0])
+    return report
+
+
+def _set_crash_line(item: pytest.Item, report: pytest.TestReport, line: str) -> None:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        crash.message = line
+        crash.path = str(item.path)
+        crash.lineno = (item.location[1] or 0) + 1
+
+
+def _passed(item: pytest.Item, when: str) -> pytest.TestReport:
+    return pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, when))  # type: ignore[arg-type]
+
+
+def _missing_phase(reports: dict[str, pytest.TestReport]) -> str | None:
+    """The phase the test process was in when it stopped sending reports."""
+    if "setup" not in reports:
+        return "setup"
+    if reports["setup"].passed and "call" not in reports:
+        return "call"
+    if "teardown" not in reports:
+        return "teardown"
+    return None
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        return f"was killed by {signal_name(number)} (signal {number})"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def _oom_line(settings: SandboxSettings, usage: Usage, victim: str) -> str:
+    limit = format_size(settings.memory) if settings.memory else "the memory limit"
+    peak = f"peak {format_size(usage.memory_peak)}, " if usage.memory_peak else ""
+    killed = f"{usage.oom_kills} process{'es' if usage.oom_kills != 1 else ''} killed"
+    return f"OOM-killed: memory limit {limit} exceeded ({peak}{killed}: {victim})"
+
+
+def _cpu_line(usage: Usage) -> str:
+    used = f"{usage.cpu_seconds:.2f} s used" if usage.cpu_seconds is not None else "usage unknown"
+    throttled = (
+        f", throttled {usage.nr_throttled} of {usage.nr_periods} periods"
+        f" ({usage.throttled_seconds or 0.0:.1f} s)"
+        if usage.nr_throttled is not None
+        else ""
+    )
+    return f"cpu: {used}{throttled}"
+
+
+def _throttle_exceeded(settings: SandboxSettings, usage: Usage) -> str | None:
+    limit = settings.max_throttle
+    if limit is None or usage.throttled_seconds is None:
+        return None
+    throttled = usage.throttled_seconds
+    share = throttled / usage.wall_seconds if usage.wall_seconds > 0 else 0.0
+    if limit.fraction is not None and share > limit.fraction:
+        allowed = f"max_throttle={limit.fraction:g} ({limit.fraction:.0%} of wall time)"
+    elif limit.seconds is not None and throttled > limit.seconds:
+        allowed = f"max_throttle={limit.seconds:g} s"
+    else:
+        return None
+    return (
+        f"CPU-throttled: throttled {throttled:.2f} s of {usage.wall_seconds:.2f} s wall time "
+        f"({share:.0%}) under cpu={settings.cpu:g}, above {allowed}"
+    )
+
+
+def build(
+    item: pytest.Item,
+    settings: SandboxSettings,
+    run: SandboxRun,
+    usage: Usage,
+    process_name: str,
+    captured: tuple[str, str] = ("", ""),
+) -> Outcome:
+    """Turn one finished sandbox into the reports pytest will log.
+
+    ``captured`` is what the test process wrote to its captured stdout and
+    stderr after its last report: with fd capture, pytest's capture file is
+    shared across the fork, so when the test dies the parent can still read
+    what it printed before.
+    """
+    reports = {rep.when: rep for rep in (_deserialize(item.config, b) for b in run.bodies("report"))}
+    outcome = Outcome(reports=[], usage=usage, left_running=[list(p) for p in _left(run)])
+    exit_frame = run.first("exit")
+    test_status = int(exit_frame["status"]) if exit_frame else None
+    missing = _missing_phase(reports)
+    setup_error = run.first("setup_error")
+    test_killed = test_status is None or (
+        os.WIFSIGNALED(test_status) and os.WTERMSIG(test_status) == signal.SIGKILL
+    )
+
+    death: tuple[str, str] | None = None
+    if setup_error is not None:
+        death = ("sandbox", f"nsbox: sandbox set-up failed: {setup_error['message']}")
+    elif run.timed_out:
+        death = (
+            "timeout",
+            f"Timeout: sandbox killed after {settings.timeout or 0:.1f} s "
+            f"({run.killed_at_timeout} process{'es' if run.killed_at_timeout != 1 else ''})",
+        )
+    elif usage.oom_kills and test_killed and missing is not None:
+        death = ("oom", _oom_line(settings, usage, process_name))
+    elif run.protocol_error is not None and missing is not None:
+        death = (
+            "sandbox",
+            f"nsbox: protocol error on the result pipe: {run.protocol_error} "
+            "(did the test write to or close the sandbox's result pipe?)",
+        )
+    elif missing is not None and test_status is not None:
+        death = (
+            "crash",
+            f"Crashed: the test process {_describe_status(test_status)} during {missing}",
+        )
+    elif missing is not None:
+        outer = _describe_status(run.outer_status) if run.outer_status is not None else "vanished"
+        death = (
+            "crash",
+            f"Crashed: the sandbox ended ({outer}) before the test's {missing} report",
+        )
+
+    if death is not None:
+        event, message = death
+        phase = missing or "teardown"
+        failed = failure(item, phase, message)
+        failed.nsbox_event = event  # type: ignore[attr-defined]
+        # Output the test wrote before it died (see the ``captured`` argument).
+        for stream, text in zip(("stdout", "stderr"), captured):
+            if text:
+                failed.sections.append((f"Captured {stream} {phase}", text))
+        if phase == "teardown" and "teardown" in reports:
+            failed.sections = list(reports["teardown"].sections)
+        reports[phase] = failed
+        outcome.events.append(event)
+        outcome.messages.append(message)
+        if phase == "setup":
+            reports.pop("call", None)
+        if phase != "teardown" and "teardown" not in reports:
+            reports["teardown"] = _passed(item, "teardown")
+
+    ordered = [reports[when] for when in PHASES if when in reports]
+    last = ordered[-1]
+    body = reports.get("call") or last
+
+    if usage.oom_kills and "oom" not in outcome.events:
+        line = _oom_line(settings, usage, "a process the test started; the test itself survived")
+        outcome.events.append("oom")
+        outcome.messages.append(line)
+        body.sections.append(("nsbox: OOM kill", line))
+        _mark_failed_report(item, ordered, "oom", line)
+
+    if usage.pids_max_hits:
+        line = (
+            f"pids limit {settings.pids} reached {usage.pids_max_hits} "
+            f"time{'s' if usage.pids_max_hits != 1 else ''} (fork failed with EAGAIN)"
+        )
+        outcome.events.append("pids")
+        outcome.messages.append(line)
+        body.sections.append(("nsbox: pids limit", line))
+        _mark_failed_report(item, ordered, "pids", line)
+
+    if settings.cpu is not None:
+        body.sections.append(("nsbox: cpu", _cpu_line(usage)))
+        exceeded = _throttle_exceeded(settings, usage)
+        if exceeded is not None and body.passed:
+            failed = failure(item, body.when, exceeded)  # type: ignore[arg-type]
+            failed.sections = list(body.sections)
+            failed.duration = body.duration
+            failed.nsbox_event = "throttle"  # type: ignore[attr-defined]
+            ordered[ordered.index(body)] = failed
+            outcome.events.append("throttle")
+            outcome.messages.append(exceeded)
+
+    if outcome.left_running:
+        lines = [f"pid {pid}: {name} ({cmd or name})" for pid, name, cmd in outcome.left_running]
+        body.sections.append(
+            ("nsbox: processes left running, killed at the end of the test", "\n".join(lines))
+        )
+
+    writes = run.first("writes")
+    if writes is not None:
+        outcome.writes = {k: list(v) for k, v in writes.items()}
+
+    outcome.reports = ordered
+    return outcome
+
+
+def _deserialize(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
+    """A report from the pipe; JSON turned its tuples into lists, pytest wants tuples."""
+    report: pytest.TestReport = config.hook.pytest_report_from_serializable(config=config, data=data)
+    if isinstance(report.longrepr, list):  # a skip's (path, lineno, reason)
+        report.longrepr = tuple(report.longrepr)  # type: ignore[assignment]
+    report.location = tuple(report.location)  # type: ignore[assignment]
+    report.user_properties = [tuple(p) for p in report.user_properties]  # type: ignore[misc]
+    return report
+
+
+def _left(run: SandboxRun) -> list[list[Any]]:
+    body = run.first("left_running")
+    return list(body["processes"]) if body else []
+
+
+def _mark_failed_report(
+    item: pytest.Item, reports: Sequence[pytest.TestReport], event: str, line: str
+) -> None:
+    """Tag the first failed report with the event and lead its crash line with it."""
+    for rep in reports:
+        if rep.failed and not hasattr(rep, "nsbox_event"):
+            rep.nsbox_event = event  # type: ignore[attr-defined]
+            crash = getattr(rep.longrepr, "reprcrash", None)
+            if crash is not None:
+                crash.message = f"{line}; {crash.message}"
+            return
+
+
+def overall(reports: Sequence[pytest.TestReport]) -> str:
+    """One word for a test from its phase reports, as pytest's summary counts it."""
+    if any(r.failed for r in reports):
+        return "failed"
+    if any(r.skipped for r in reports):
+        return "skipped"
+    return "passed"
+
+
+def attach_record(item: pytest.Item, settings: SandboxSettings, outcome: Outcome) -> dict[str, Any]:
+    """The test's record: as user_properties (junit ``<property>``) and as ``report.nsbox``.
+
+    Both live on the teardown report, which junitxml reads properties from and
+    which pytest-xdist carries to its controller unchanged.
+    """
+    usage = outcome.usage
+    report = outcome.reports[-1]
+    props: list[tuple[str, object]] = [("nsbox_wall_seconds", round(usage.wall_seconds, 4))]
+    for name in ("memory_peak", "cpu_seconds", "throttled_seconds", "nr_throttled", "pids_peak"):
+        value = getattr(usage, name)
+        if value is not None:
+            props.append((f"nsbox_{name}", round(value, 4) if isinstance(value, float) else value))
+    props.extend(("nsbox_event", event) for event in outcome.events)
+    report.user_properties = [*report.user_properties, *props]
+    test_seconds = sum(r.duration for r in outcome.reports)
+    record = {
+        "nodeid": item.nodeid,
+        "outcome": overall(outcome.reports),
+        "limits": {
+            "memory": settings.memory,
+            "cpu": settings.cpu,
+            "pids": settings.pids,
+            "timeout": settings.timeout,
+        },
+        "usage": asdict(usage),
+        "events": outcome.events,
+        "messages": outcome.messages,
+        "left_running": outcome.left_running,
+        "writes": outcome.writes,
+        "sandbox_seconds": round(max(usage.wall_seconds - test_seconds, 0.0), 6),
+        "test_seconds": round(test_seconds, 6),
+    }
+    report.nsbox = record  # type: ignore[attr-defined]
+    return record
+
+
+def teststatus(report: pytest.TestReport) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
+    """The progress letter and verbose word of a report that a sandbox event failed."""
+    event = getattr(report, "nsbox_event", None)
+    if event is None or not report.failed:
+        return None
+    letter, word = EVENT_STATUS[event]
+    return "failed", letter, (word, {"red": True})

@@ -1,0 +1,123 @@
+"""Can this machine sandbox a test, and how? Asked once per session.
+
+The probe runs the real sandbox sequence (the same code as a test) around a
+no-op in a temporary directory, so its verdict cannot drift from what the
+tests will meet. When it fails, :func:`explain` turns the failed step and the
+machine's settings into what is missing and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pytest_nsbox import kernel, runner, sandbox
+
+DEFAULT_TMP_SIZE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The verdict: usable or not, in which mode, and if not, why and the fix."""
+
+    usable: bool
+    privileged: bool
+    namespaces: str
+    problem: str = ""
+    fix: str = ""
+
+    def describe(self, rootdir: str) -> str:
+        if not self.usable:
+            return f"unavailable: {self.problem}"
+        mode = "as root, mounts locked by a user namespace" if self.privileged else "rootless"
+        return f"{self.namespaces} namespaces, overlay on {rootdir} ({mode})"
+
+
+class _NoOp:
+    def prepare(self) -> None:
+        return None
+
+    def run(self) -> None:
+        return None
+
+
+def _try(privileged: bool) -> str | None:
+    """Run one no-op sandbox; None when it worked, else what failed."""
+    top = tempfile.mkdtemp(prefix="pytest-nsbox-probe-")
+    try:
+        repo = os.path.join(top, "repo")
+        os.mkdir(repo)
+        spec = sandbox.build_spec(
+            rootdir=repo,
+            cwd=repo,
+            privileged=privileged,
+            isolate_network=True,
+            hostname="nsbox-probe",
+            private_tmp=True,
+            tmp_size=DEFAULT_TMP_SIZE,
+            passthrough=(),
+            list_writes=False,
+        )
+        result = runner.run(spec, lambda fd: _NoOp(), cgroup=None, timeout=30)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    error = result.first("setup_error")
+    if error is not None:
+        return str(error["message"])
+    exit_frame = result.first("exit")
+    if exit_frame is None or exit_frame["status"] != 0:
+        return f"the probe sandbox did not finish (status {result.outer_status})"
+    return None
+
+
+@lru_cache(maxsize=1)
+def probe() -> Capabilities:
+    """Try the privileged sequence as root, else the rootless one."""
+    failures = []
+    for privileged in [True, False] if os.geteuid() == 0 else [False]:
+        problem = _try(privileged)
+        if problem is None:
+            flags = sandbox.base_namespaces(True, privileged) | kernel.CLONE_NEWUSER
+            return Capabilities(True, privileged, kernel.describe_clone_flags(flags))
+        failures.append(problem)
+    return Capabilities(False, False, "", problem=failures[-1], fix=explain(failures[-1]))
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def explain(problem: str) -> str:
+    """How to fix a failed probe, from the machine's own settings."""
+    if _read("/proc/sys/user/max_user_namespaces") == "0":
+        return "user namespaces are disabled: sysctl -w user.max_user_namespaces=15000"
+    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+        return (
+            "unprivileged user namespaces are disabled: "
+            "sysctl -w kernel.unprivileged_userns_clone=1"
+        )
+    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+        return (
+            "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+): "
+            "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor "
+            "profile for the Python interpreter that allows userns"
+        )
+    if os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"):
+        return (
+            "this looks like a container that forbids namespaces (seccomp or missing "
+            "CAP_SYS_ADMIN): run it with --privileged, or with a seccomp profile that allows "
+            "unshare/mount/clone with namespace flags"
+        )
+    if "overlay" in problem:
+        return (
+            "overlayfs is missing or refuses this mount: modprobe overlay; "
+            "rootless needs a kernel >= 5.11"
+        )
+    return "see `python -m pytest_nsbox doctor` for each capability"

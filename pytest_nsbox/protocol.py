@@ -1,0 +1,83 @@
+"""Frames on the result pipe between a sandbox and the pytest process.
+
+The sandboxed test writes its reports here as soon as each exists, and the
+sandbox's init adds what only it can see (the test's exit status, processes
+left running, the files written). The test itself could write garbage to the
+pipe or close it, so every frame carries a magic tag and a length, and the
+reader treats anything else as a protocol error for that one test instead of
+trusting it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+MAGIC = b"NSBX"
+_HEADER = struct.Struct(">4sI")
+MAX_FRAME = 256 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """The byte stream on the result pipe is not a sequence of frames."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: str
+    body: dict[str, Any]
+
+
+def encode(kind: str, body: dict[str, Any]) -> bytes:
+    """One frame: header (magic, length) and a JSON payload."""
+    payload = json.dumps({"kind": kind, "body": body}, default=repr).encode()
+    return _HEADER.pack(MAGIC, len(payload)) + payload
+
+
+def send(fd: int, kind: str, body: dict[str, Any]) -> None:
+    """Write one frame completely (a pipe may take it in several writes)."""
+    view = memoryview(encode(kind, body))
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class FrameReader:
+    """Reassembles frames from the chunks read off the pipe."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[Frame]:
+        self._buffer += chunk
+        frames = []
+        while len(self._buffer) >= _HEADER.size:
+            magic, length = _HEADER.unpack_from(self._buffer)
+            if magic != MAGIC or length > MAX_FRAME:
+                raise ProtocolError(
+                    f"unexpected bytes on the result pipe: {bytes(self._buffer[:16])!r}"
+                )
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            frames.append(_decode(bytes(self._buffer[_HEADER.size : end])))
+            del self._buffer[:end]
+        return frames
+
+    def finish(self) -> None:
+        """At end of stream: a partial frame left over is a protocol error."""
+        if self._buffer:
+            raise ProtocolError(
+                f"result pipe closed in the middle of a frame ({len(self._buffer)} bytes left)"
+            )
+
+
+def _decode(payload: bytes) -> Frame:
+    try:
+        data = json.loads(payload)
+        return Frame(str(data["kind"]), dict(data["body"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"a frame on the result pipe is not valid: {exc}") from None

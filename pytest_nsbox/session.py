@@ -1,0 +1,235 @@
+"""One pytest session's sandbox state: options, machine verdicts, cgroups, records.
+
+Built once in ``pytest_configure`` and registered as a plugin, so the hooks
+that need the whole session (logreport, terminal summary, session finish)
+are its methods. What the machine can do is asked lazily, the first time a
+test needs it, so a session that sandboxes nothing pays nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+
+from pytest_nsbox import cgroups, outcomes, probe, sandbox, writes
+from pytest_nsbox.config import SandboxSettings, SessionOptions, format_size
+from pytest_nsbox.runner import SandboxRun
+
+TOP_N = 5
+
+
+def _process_name() -> str:
+    try:
+        with open("/proc/self/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "python"
+
+
+class NsboxSession:
+    """Per-session state; see the module docstring."""
+
+    def __init__(self, config: pytest.Config, options: SessionOptions) -> None:
+        self.config = config
+        self.options = options
+        self.process_name = _process_name()
+        self.plugin_timeouts: dict[str, float] = {}
+        self.records: list[dict[str, Any]] = []
+        self._manager: cgroups.CgroupManager | None = None
+        self._cgroup_problem: str | None = None
+        self._cgroups_asked = False
+
+    # -- what this machine can do --------------------------------------------
+
+    @property
+    def rootdir(self) -> str:
+        return str(self.config.rootpath)
+
+    def capabilities(self) -> probe.Capabilities:
+        return probe.probe()
+
+    def cgroup_manager(self) -> cgroups.CgroupManager | None:
+        """Opened on first use; None (with the reason kept) where cgroups can't be used."""
+        if not self._cgroups_asked:
+            self._cgroups_asked = True
+            try:
+                self._manager = cgroups.open_manager(self.options.cgroup_path)
+            except cgroups.CgroupUnavailable as exc:
+                self._cgroup_problem = str(exc)
+        return self._manager
+
+    def describe(self) -> str:
+        """The report header: what a sandboxed test gets on this machine."""
+        text = self.capabilities().describe(self.rootdir)
+        if self.options.sandbox_all:
+            manager = self.cgroup_manager()
+            text += "; " + (
+                manager.describe() if manager else f"no cgroup limits: {self._cgroup_problem}"
+            )
+        return text
+
+    def refusal(self, settings: SandboxSettings) -> str | None:
+        """Why this test cannot get the sandbox it asked for, or None."""
+        if not sys.platform.startswith("linux"):
+            return f"nsbox needs Linux namespaces; this is {sys.platform}"
+        caps = self.capabilities()
+        if not caps.usable:
+            return f"this machine cannot sandbox: {caps.problem}; fix: {caps.fix}"
+        if settings.limits_requested and self.cgroup_manager() is None:
+            return f"{settings.describe()} needs cgroups: {self._cgroup_problem}"
+        return None
+
+    def unavailable_reports(self, item: pytest.Item, reason: str) -> list[pytest.TestReport]:
+        """--nsbox-unavailable=fail or skip, for a test that cannot be sandboxed."""
+        if self.options.unavailable == "skip":
+
+            def setup() -> None:
+                pytest.skip(f"nsbox: {reason}")
+
+        else:
+
+            def setup() -> None:
+                __tracebackhide__ = True
+                pytest.fail(f"nsbox: cannot sandbox this test: {reason}", pytrace=False)
+
+        return [
+            pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(setup, "setup")),
+            pytest.TestReport.from_item_and_call(
+                item, pytest.CallInfo.from_call(lambda: None, "teardown")
+            ),
+        ]
+
+    # -- one test ------------------------------------------------------------
+
+    def spec_for(self, item: pytest.Item, settings: SandboxSettings) -> sandbox.SandboxSpec:
+        passthrough = list(settings.writable)
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        if factory is not None:
+            # Created here, before fork, so tmp_path works inside and its
+            # directories stay for inspection like any pytest basetemp.
+            passthrough.append(str(factory.getbasetemp()))
+        return sandbox.build_spec(
+            rootdir=self.rootdir,
+            cwd=os.getcwd(),
+            privileged=self.capabilities().privileged,
+            isolate_network=settings.network == "loopback",
+            hostname=settings.hostname_for(item.nodeid),
+            private_tmp=settings.tmp == "private",
+            tmp_size=settings.tmp_size,
+            passthrough=tuple(dict.fromkeys(passthrough)),
+            list_writes=settings.writes != "ignore",
+        )
+
+    def cgroup_for(self, settings: SandboxSettings) -> cgroups.SandboxCgroup | None:
+        manager = self.cgroup_manager()
+        if manager is None:
+            return None
+        return manager.create(cgroups.Limits(settings.memory, settings.cpu, settings.pids))
+
+    def release(self, cgroup: cgroups.SandboxCgroup) -> None:
+        cgroup.kill()
+        cgroup.remove()
+
+    def timeout_for(self, item: pytest.Item, settings: SandboxSettings) -> float | None:
+        candidates = [t for t in (settings.timeout, self.plugin_timeouts.get(item.nodeid)) if t]
+        return min(candidates) if candidates else None
+
+    def usage_of(self, run: SandboxRun, cgroup: cgroups.SandboxCgroup | None) -> outcomes.Usage:
+        if cgroup is None:
+            # No cgroup: the kernel's rusage of the reaped sandbox still counts
+            # CPU time; the peak is the largest single process's RSS.
+            return outcomes.Usage(run.wall_seconds, run.cpu_seconds, run.max_rss)
+        counted = cgroup.usage()
+        return outcomes.Usage(
+            wall_seconds=run.wall_seconds,
+            cpu_seconds=counted.cpu_seconds if counted.cpu_seconds is not None else run.cpu_seconds,
+            memory_peak=counted.memory_peak,
+            nr_periods=counted.nr_periods,
+            nr_throttled=counted.nr_throttled,
+            throttled_seconds=counted.throttled_seconds,
+            pids_peak=counted.pids_peak,
+            oom_kills=counted.oom_kills,
+            pids_max_hits=counted.pids_max_hits,
+        )
+
+    def apply_writes_policy(
+        self, item: pytest.Item, settings: SandboxSettings, outcome: outcomes.Outcome
+    ) -> None:
+        """--nsbox-writes=report lists what the test wrote to the repo; =fail fails on it."""
+        if outcome.writes is None:
+            return
+        kept = {
+            kind: [p for p in paths if not writes.ignored(p, settings.writes_ignore)]
+            for kind, paths in outcome.writes.items()
+        }
+        outcome.writes = kept
+        lines = [
+            f"{kind} {path}" for kind in ("created", "modified", "deleted") for path in kept[kind]
+        ]
+        if not lines:
+            return
+        body = next((r for r in outcome.reports if r.when == "call"), outcome.reports[-1])
+        body.sections.append(("nsbox: files written to the repo (thrown away)", "\n".join(lines)))
+        if settings.writes == "fail" and body.passed:
+            message = f"Wrote to the repo (writes='fail'): {', '.join(lines)}"
+            failed = outcomes.failure(item, body.when, message)
+            failed.sections = list(body.sections)
+            failed.nsbox_event = "writes"  # type: ignore[attr-defined]
+            outcome.reports[outcome.reports.index(body)] = failed
+            outcome.events.append("writes")
+            outcome.messages.append(message)
+
+    def record(
+        self, item: pytest.Item, settings: SandboxSettings, outcome: outcomes.Outcome
+    ) -> dict[str, Any]:
+        return outcomes.attach_record(item, settings, outcome)
+
+    # -- hooks of the session ------------------------------------------------
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        record = getattr(report, "nsbox", None)
+        if report.when == "teardown" and isinstance(record, dict):
+            self.records.append(record)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        events = [r for r in self.records if r["events"] or r["left_running"]]
+        if not events and not self.options.report_path:
+            return
+        terminalreporter.section("nsbox")
+        for record in events:
+            for message in record["messages"]:
+                terminalreporter.line(f"{record['nodeid']}: {message}")
+            if record["left_running"]:
+                names = ", ".join(f"{name} (pid {pid})" for pid, name, _ in record["left_running"])
+                terminalreporter.line(f"{record['nodeid']}: left running, killed: {names}")
+        for key, label, fmt in (
+            ("memory_peak", "peak memory", format_size),
+            ("cpu_seconds", "CPU time", lambda v: f"{v:.2f} s"),
+        ):
+            ranked = sorted(
+                (r for r in self.records if r["usage"].get(key) is not None),
+                key=lambda r: r["usage"][key],
+                reverse=True,
+            )[:TOP_N]
+            if ranked:
+                terminalreporter.line(f"top {len(ranked)} by {label}:")
+                for r in ranked:
+                    terminalreporter.line(f"  {fmt(r['usage'][key]):>12}  {r['nodeid']}")
+        if self.options.report_path:
+            terminalreporter.line(f"nsbox report: {self.options.report_path}")
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.options.report_path and not hasattr(self.config, "workerinput"):
+            path = self.options.report_path
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as out:
+                json.dump({"version": 1, "tests": self.records}, out, indent=2)
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None

@@ -1,0 +1,189 @@
+"""Shared fixtures: the unprivileged user that rootless tests run as.
+
+Rootless tests need a real non-root uid. As root we create one system user
+(``nsbox-tester``) once; it is the same user on every run, so there is nothing
+to remove afterwards. Code runs as that user in a forked child that drops its
+ids with setgid/setuid: no second interpreter has to be reachable by the user.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import pwd
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+PLAIN_USER = "nsbox-tester"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PlainUser:
+    name: str
+    uid: int
+    gid: int
+
+
+@pytest.fixture(scope="session")
+def plain_user() -> PlainUser:
+    """An unprivileged user, created with useradd when the suite runs as root."""
+    try:
+        entry = pwd.getpwnam(PLAIN_USER)
+    except KeyError:
+        if os.geteuid() != 0:
+            pytest.fail(f"rootless tests need the user {PLAIN_USER!r}; run the suite as root once")
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PLAIN_USER],
+            check=True,
+        )
+        entry = pwd.getpwnam(PLAIN_USER)
+    return PlainUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def run_in_fork_as(user: PlainUser, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a forked child with the user's uid/gid and return its result.
+
+    The result (or the exception, re-raised here as RuntimeError with the
+    child's traceback) travels back pickled over a pipe.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+            payload = pickle.dumps((True, fn()))
+        except BaseException:
+            payload = pickle.dumps((False, traceback.format_exc()))
+            status = 1
+        finally:
+            with os.fdopen(write_end, "wb") as out:
+                out.write(payload)
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as inp:
+        data = inp.read()
+    os.waitpid(pid, 0)
+    ok, value = pickle.loads(data)
+    if not ok:
+        raise RuntimeError(f"child running as {user.name} failed:\n{value}")
+    return value  # type: ignore[no-any-return]
+
+
+def _blocking_ancestor(path: str) -> tuple[str, str] | None:
+    """The first directory on the way to ``path`` that others may not traverse.
+
+    Returns (that directory, the next path component below it), or None when
+    the whole path is reachable for any user.
+    """
+    parts = os.path.abspath(path).split("/")[1:]
+    current = "/"
+    for part in parts:
+        if not os.stat(current).st_mode & 0o001:
+            return current, part
+        current = os.path.join(current, part)
+    return None
+
+
+def make_reachable(paths: list[str]) -> None:
+    """In a private mount namespace, make ``paths`` reachable by any user.
+
+    Called as root in a forked child before it drops to the plain user: the
+    interpreter and packages may live under ``/root`` (mode 0700), as pyenv
+    and tox put them. Each blocking directory gets a 0755 tmpfs laid over it
+    that holds only bind mounts of the entries on the way to the needed
+    paths. Nothing changes outside this process's own mount namespace.
+    """
+    from pytest_nsbox import kernel
+
+    kernel.unshare(kernel.CLONE_NEWNS)
+    kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, None)
+    for _ in range(16):
+        blocked: dict[str, set[str]] = {}
+        for path in paths:
+            found = _blocking_ancestor(path)
+            if found is not None:
+                blocked.setdefault(found[0], set()).add(found[1])
+        if not blocked:
+            return
+        for directory, children in sorted(blocked.items()):
+            held = {child: os.open(os.path.join(directory, child), os.O_PATH) for child in children}
+            kernel.mount("tmpfs", directory, "tmpfs", 0, "mode=0755,size=1m")
+            for child, fd in held.items():
+                target = os.path.join(directory, child)
+                if os.path.isdir(f"/proc/self/fd/{fd}"):
+                    os.mkdir(target)
+                else:
+                    open(target, "w").close()
+                kernel.mount(f"/proc/self/fd/{fd}", target, None, kernel.MS_BIND | kernel.MS_REC, None)
+                os.close(fd)
+    raise RuntimeError(f"could not make {paths} reachable")
+
+
+def interpreter_paths() -> list[str]:
+    """What a plain user needs to read to run this interpreter with its packages."""
+    import pytest_nsbox
+
+    paths = {os.path.realpath(sys.executable), sys.prefix, sys.base_prefix}
+    paths.add(os.path.dirname(os.path.dirname(pytest_nsbox.__file__)))
+    paths.update(p for p in sys.path if p and os.path.exists(p))
+    return sorted(paths)
+
+
+def run_as(
+    user: PlainUser, argv: list[str], cwd: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run a command as ``user``, with this interpreter and its packages reachable."""
+    reachable = interpreter_paths() + [cwd]
+
+    def become_user() -> None:
+        make_reachable(reachable)
+        os.setgroups([])
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+
+    full_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": cwd,
+        "LANG": "C.UTF-8",
+        **(env or {}),
+    }
+    return subprocess.run(
+        argv,
+        cwd=cwd,
+        env=full_env,
+        preexec_fn=become_user,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def user_project(plain_user: PlainUser) -> Iterator[Path]:
+    """An empty project directory the plain user owns, outside pytest's 0700 basetemp."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="nsbox-user-project-"))
+    os.chown(path, plain_user.uid, plain_user.gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def full_summary_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inner sessions print whole short-summary lines, as on CI (pytest checks $CI)."""
+    monkeypatch.setenv("CI", "true")

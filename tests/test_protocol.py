@@ -1,0 +1,56 @@
+"""Frames on the result pipe: round trips, garbage, truncation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pytest_nsbox import protocol
+
+
+def test_round_trip_in_pieces() -> None:
+    data = protocol.encode("report", {"when": "call", "text": "x" * 100_000}) + protocol.encode(
+        "exit", {"status": 0}
+    )
+    reader = protocol.FrameReader()
+    frames = []
+    for start in range(0, len(data), 777):
+        frames.extend(reader.feed(data[start : start + 777]))
+    reader.finish()
+    assert [f.kind for f in frames] == ["report", "exit"]
+    assert frames[0].body["text"] == "x" * 100_000
+
+
+def test_send_writes_whole_frames_through_a_pipe() -> None:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        protocol.send(write_end, "big", {"blob": "y" * 300_000})
+        os._exit(0)
+    os.close(write_end)
+    reader = protocol.FrameReader()
+    frames = []
+    while chunk := os.read(read_end, 65536):
+        frames.extend(reader.feed(chunk))
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert len(frames) == 1 and len(frames[0].body["blob"]) == 300_000
+
+
+def test_garbage_is_a_protocol_error() -> None:
+    with pytest.raises(protocol.ProtocolError, match="unexpected bytes"):
+        protocol.FrameReader().feed(b"hello, parent! " * 4)
+
+
+def test_truncated_frame_is_a_protocol_error() -> None:
+    reader = protocol.FrameReader()
+    assert reader.feed(protocol.encode("exit", {"status": 0})[:-3]) == []
+    with pytest.raises(protocol.ProtocolError, match="in the middle of a frame"):
+        reader.finish()
+
+
+def test_frame_with_valid_header_but_bad_json() -> None:
+    bad = b"NSBX" + (5).to_bytes(4, "big") + b"{oops"
+    with pytest.raises(protocol.ProtocolError, match="not valid"):
+        protocol.FrameReader().feed(bad)

@@ -1,0 +1,441 @@
+"""End-to-end: an inner pytest session sandboxes its tests, as users run it.
+
+Each test writes a small project with ``pytester`` and runs pytest on it; the
+sandbox is real (namespaces, overlay, private /tmp, loopback). What the
+sandboxed test observes it asserts itself, inside; what must hold afterwards
+(the repo byte-identical, the host's /tmp untouched) is asserted here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under root with its content hash and mode."""
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if "__pycache__" in rel or ".pytest_cache" in rel:
+            continue
+        st = path.lstat()
+        content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        digest[rel] = f"{oct(st.st_mode)}:{content}"
+    return digest
+
+
+def test_pid_namespace_and_hostname(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os, socket
+        import pytest
+
+        @pytest.mark.nsbox(hostname="box-one")
+        def test_inside():
+            assert os.getpid() == 2
+            pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+            assert pids == [1, 2], pids
+            assert socket.gethostname() == "box-one"
+
+        @pytest.mark.nsbox
+        def test_default_hostname():
+            assert socket.gethostname().startswith("nsbox-")
+        """
+    )
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=2)
+
+
+def test_network_is_loopback_only(pytester: pytest.Pytester) -> None:
+    host_listener = socket.socket()
+    host_listener.bind(("127.0.0.1", 0))
+    host_listener.listen()
+    port = host_listener.getsockname()[1]
+    accepted: list[object] = []
+    host_listener.settimeout(5)
+
+    def accept() -> None:
+        try:
+            accepted.append(host_listener.accept())
+        except OSError:
+            pass
+
+    waiter = threading.Thread(target=accept)
+    waiter.start()
+    pytester.makepyfile(
+        f"""
+        import socket
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_inside():
+            assert socket.if_nameindex() == [(1, "lo")]
+            routes = open("/proc/net/route").read().splitlines()[1:]
+            assert routes == [], routes
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", {port}), timeout=2)
+            server = socket.socket()
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            client = socket.create_connection(server.getsockname(), timeout=2)
+            conn, _ = server.accept()
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+            v6 = socket.socket(socket.AF_INET6)
+            v6.bind(("::1", 0))
+        """
+    )
+    try:
+        result = pytester.runpytest()
+    finally:
+        host_listener.close()
+        waiter.join()
+    result.assert_outcomes(passed=1)
+    assert accepted == []
+
+
+def test_host_network_when_asked(pytester: pytest.Pytester) -> None:
+    host_ifaces = socket.if_nameindex()
+    pytester.makepyfile(
+        f"""
+        import socket
+        import pytest
+
+        @pytest.mark.nsbox(network="host")
+        def test_sees_host_interfaces():
+            assert socket.if_nameindex() == {host_ifaces!r}
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_repo_writes_are_thrown_away(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_writes="""
+        import os, shutil
+        from pathlib import Path
+        import pytest
+
+        ROOT = Path(__file__).parent
+
+        @pytest.mark.nsbox
+        def test_writes_everything():
+            (ROOT / "data.txt").write_text("changed")
+            (ROOT / "new.txt").write_text("created")
+            os.rename(ROOT / "sub", ROOT / "sub-renamed")
+            os.remove(ROOT / "other.txt")
+            os.chmod(ROOT / "keep.txt", 0o600)
+            assert (ROOT / "data.txt").read_text() == "changed"
+            assert not (ROOT / "sub").exists()
+            assert (ROOT / "sub-renamed" / "inner.txt").read_text() == "inner"
+
+        @pytest.mark.nsbox
+        def test_deletes_the_repo():
+            for entry in ROOT.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            assert list(ROOT.iterdir()) == []
+
+        @pytest.mark.nsbox
+        def test_then_sees_it_intact():
+            assert (ROOT / "data.txt").read_text() == "original"
+            assert (ROOT / "other.txt").exists()
+        """
+    )
+    (pytester.path / "data.txt").write_text("original")
+    (pytester.path / "other.txt").write_text("other")
+    (pytester.path / "keep.txt").write_text("keep")
+    (pytester.path / "sub").mkdir()
+    (pytester.path / "sub" / "inner.txt").write_text("inner")
+    before = tree_digest(pytester.path)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    assert tree_digest(pytester.path) == before
+
+
+def test_private_tmp_and_tmp_path(pytester: pytest.Pytester) -> None:
+    marker = f"/tmp/nsbox-e2e-{os.getpid()}-{id(pytester)}"
+    pytester.makepyfile(
+        f"""
+        import os
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_inside(tmp_path):
+            with open("{marker}", "w") as f:
+                f.write("inside")
+            (tmp_path / "kept.txt").write_text("tmp_path is the host's basetemp")
+            assert sorted(os.listdir("/tmp")) != []
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1)
+    assert not os.path.exists(marker)
+    kept = list(Path(pytester.path.parent / "basetemp").rglob("kept.txt"))
+    assert len(kept) == 1
+
+
+def test_tmp_is_size_limited(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import errno
+        import pytest
+
+        @pytest.mark.nsbox(tmp_size="8m")
+        def test_fills_tmp():
+            with pytest.raises(OSError) as info:
+                with open("/tmp/big", "wb") as f:
+                    for _ in range(100):
+                        f.write(b"x" * (1 << 20))
+            assert info.value.errno == errno.ENOSPC
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_crash_by_signal_is_named(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os, signal, sys
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_segfault():
+            print("before the crash")
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+        @pytest.mark.nsbox
+        def test_exit():
+            os._exit(3)
+
+        @pytest.mark.nsbox
+        def test_after():
+            pass
+        """
+    )
+    result = pytester.runpytest("-rA")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*CRASHED*test_segfault - Crashed: the test process was killed by SIGSEGV (signal 11) during call",
+            "*CRASHED*test_exit - Crashed: the test process exited with status 3 during call",
+        ]
+    )
+    assert "when=???" not in result.stdout.str()
+
+
+def test_background_process_is_killed_and_reported(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import subprocess
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_daemon():
+            subprocess.Popen(["sleep", "1000"], start_new_session=True)
+        """
+    )
+    result = pytester.runpytest("-rA")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*nsbox: processes left running, killed at the end of the test*",
+            "pid 3: sleep (sleep 1000)",
+            "*test_daemon: left running, killed: sleep (pid 3)",
+        ]
+    )
+
+
+def test_reports_round_trip(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import logging, sys, warnings
+        import pytest
+
+        pytestmark = pytest.mark.nsbox
+
+        def test_skip():
+            pytest.skip("skipped inside")
+
+        @pytest.mark.xfail(reason="expected")
+        def test_xfail():
+            assert 0
+
+        @pytest.mark.xfail(reason="unexpected pass")
+        def test_xpass():
+            pass
+
+        def test_fails():
+            print("captured out")
+            print("captured err", file=sys.stderr)
+            logging.getLogger("x").warning("captured log")
+            assert 1 + 1 == 3, "real failure message"
+
+        def test_properties(record_property):
+            record_property("answer", 42)
+
+        def test_warns():
+            warnings.warn("careful inside", UserWarning)
+        """
+    )
+    xml = pytester.path / "junit.xml"
+    result = pytester.runpytest("-rA", f"--junitxml={xml}")
+    result.assert_outcomes(passed=2, failed=1, skipped=1, xfailed=1, xpassed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- Captured stdout call -*",
+            "captured out",
+            "*- Captured stderr call -*",
+            "captured err",
+            "*- Captured log call -*",
+            "WARNING  x:*captured log",
+            "*= warnings summary =*",
+            "*UserWarning: careful inside",
+            "*= short test summary info =*",
+            "SKIPPED * skipped inside",
+            "FAILED *test_fails - AssertionError: real failure message*",
+        ]
+    )
+    assert 'name="answer" value="42"' in xml.read_text()
+
+
+def test_bad_marker_values_are_collection_errors(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nsbox(network="internet")
+        def test_a():
+            pass
+
+        @pytest.mark.nsbox(memroy="64m")
+        def test_b():
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*network='internet'*test_a*'loopback', 'host'*", "*memroy*test_b*did you mean memory*"]
+    )
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os
+
+        def test_not_sandboxed():
+            assert os.getpid() != 2
+        """
+    )
+    pytester.runpytest("-p", "no:nsbox", "--strict-markers").assert_outcomes(passed=1)
+
+
+def test_strict_markers_accepts_nsbox(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_marked():
+            pass
+        """
+    )
+    pytester.runpytest("--strict-markers").assert_outcomes(passed=1)
+
+
+def test_sandbox_everything_and_opt_out(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os
+        import pytest
+
+        def test_in_sandbox():
+            assert os.getpid() == 2
+
+        @pytest.mark.nsbox(enabled=False)
+        def test_opted_out():
+            assert os.getpid() != 2
+        """
+    )
+    pytester.runpytest("--nsbox").assert_outcomes(passed=2)
+    pytester.makeini("[pytest]\nnsbox = true\n")
+    pytester.runpytest().assert_outcomes(passed=2)
+
+
+def test_fixtures_of_inline_tests_stay_consistent(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_a="""
+        import pytest
+        EVENTS = []
+
+        @pytest.fixture(scope="module")
+        def resource():
+            EVENTS.append("setup")
+            yield
+            EVENTS.append("teardown")
+
+        def test_inline(resource):
+            pass
+
+        @pytest.mark.nsbox
+        def test_sandboxed(resource):
+            pass
+        """,
+        test_b="""
+        from test_a import EVENTS
+
+        def test_after():
+            assert EVENTS == ["setup", "teardown"], EVENTS
+        """,
+    )
+    pytester.runpytest("-p", "no:randomly").assert_outcomes(passed=3)
+
+
+def test_pdb_is_refused_clearly(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_marked():
+            pass
+        """
+    )
+    result = pytester.runpytest("--pdb")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--pdb and --trace need the test*"])
+
+
+def test_capture_no_still_sandboxes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_marked():
+            print("printed straight to the terminal")
+            assert os.getpid() == 2
+        """
+    )
+    result = pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*printed straight to the terminal*"])
+
+
+def test_header_says_what_the_sandbox_does(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest()
+    result.stdout.fnmatch_lines([f"nsbox: user+mnt+pid+net+uts+ipc+cgroup namespaces, overlay on {pytester.path}*"])
