@@ -135,11 +135,13 @@ def _collect(
 
 
 def _kill_sandbox(pid: int, cgroup: SandboxCgroupLike | None, result: SandboxRun) -> None:
+    """SIGKILL every process of the sandbox, counting the test's own first."""
     init = result.first("started")
+    if init is not None:
+        # The test's processes: everything in its pid namespace but init.
+        result.killed_at_timeout = max(count_pid_namespace(int(init["init_pid"])) - 1, 0)
     if cgroup is not None:
-        result.killed_at_timeout = cgroup.kill()
-    elif init is not None:
-        result.killed_at_timeout = count_pid_namespace(int(init["init_pid"]))
+        cgroup.kill()
     for target in ([int(init["init_pid"])] if init else []) + [pid]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signal.SIGKILL)

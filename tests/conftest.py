@@ -21,6 +21,9 @@ from typing import TypeVar
 
 import pytest
 
+from pytest_nsbox import kernel
+
+PR_SET_DUMPABLE = 4
 PLAIN_USER = "nsbox-tester"
 
 T = TypeVar("T")
@@ -64,6 +67,9 @@ def run_in_fork_as(user: PlainUser, fn: Callable[[], T]) -> T:
             os.setgroups([])
             os.setgid(user.gid)
             os.setuid(user.uid)
+            # setuid() made this process non-dumpable, which makes its /proc
+            # files root's; a user's own login process is dumpable.
+            kernel.prctl(PR_SET_DUMPABLE, 1)
             payload = pickle.dumps((True, fn()))
         except BaseException:
             payload = pickle.dumps((False, traceback.format_exc()))
@@ -106,8 +112,6 @@ def make_reachable(paths: list[str]) -> None:
     that holds only bind mounts of the entries on the way to the needed
     paths. Nothing changes outside this process's own mount namespace.
     """
-    from pytest_nsbox import kernel
-
     kernel.unshare(kernel.CLONE_NEWNS)
     kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, None)
     for _ in range(16):

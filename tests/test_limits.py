@@ -1,0 +1,264 @@
+"""End-to-end: cgroup limits and what the kernel did, as test outcomes.
+
+Real cgroups: v1 on the development machines, v2 in the QEMU guest of
+``scripts/cgroup2-vm`` (the same module runs there). Each inner session runs
+in a subprocess, as users run pytest, and the cgroup trees are compared
+before and after: nothing of the run may remain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from pytest_nsbox import cgroups
+
+try:
+    cgroups.open_manager().close()
+    CGROUPS_PROBLEM = ""
+except cgroups.CgroupUnavailable as exc:
+    CGROUPS_PROBLEM = str(exc)
+
+pytestmark = pytest.mark.skipif(
+    bool(CGROUPS_PROBLEM), reason=f"no usable cgroups here: {CGROUPS_PROBLEM}"
+)
+
+
+def cgroup_dirs() -> set[str]:
+    """Every nsbox-made directory in every cgroup hierarchy mounted here."""
+    found = set()
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fstype in ("cgroup", "cgroup2"):
+                for dirpath, dirnames, _ in os.walk(fields[4]):
+                    found.update(
+                        os.path.join(dirpath, d) for d in dirnames if d.startswith("nsbox-")
+                    )
+    return found
+
+
+def owner_alive(path: str) -> bool:
+    """Session dirs are named nsbox-<pid>[-n]; another live run may own some."""
+    pid = int(os.path.basename(path).split("-")[1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(autouse=True)
+def no_cgroup_left_behind() -> object:
+    before = cgroup_dirs()
+    yield
+    leaked = {d for d in cgroup_dirs() - before if not owner_alive(d)}
+    assert leaked == set()
+
+
+def test_oom_kill_is_reported_and_the_session_goes_on(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nsbox(memory="64m")
+        def test_hog():
+            hog = bytearray(200 * 1024 * 1024)
+            hog[::4096] = b"x" * len(hog[::4096])
+
+        @pytest.mark.nsbox(memory="64m")
+        def test_next():
+            assert len(bytearray(8 * 1024 * 1024)) == 8 * 1024 * 1024
+        """
+    )
+    xml = pytester.path / "junit.xml"
+    result = pytester.runpytest_subprocess("-rA", f"--junitxml={xml}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.re_match_lines(
+        [
+            r"test_oom_kill_is_reported_and_the_session_goes_on.py M\.",
+            r"OOM-KILLED .*::test_hog - OOM-killed: memory limit 64.0 MiB exceeded "
+            r"\(peak \d+\.\d MiB, 1 process killed: \S+\)",
+        ]
+    )
+    text = xml.read_text()
+    assert 'message="OOM-killed: memory limit 64.0 MiB exceeded' in text
+    assert '<property name="nsbox_event" value="oom" />' in text
+
+
+def test_subprocess_oom_kill_is_reported(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import subprocess, sys
+        import pytest
+
+        @pytest.mark.nsbox(memory="64m")
+        def test_child_hog():
+            code = "b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])"
+            proc = subprocess.run([sys.executable, "-c", code])
+            assert proc.returncode == 0, proc.returncode
+        """
+    )
+    result = pytester.runpytest_subprocess("-rA")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*OOM-KILLED*test_child_hog - OOM-killed: memory limit 64.0 MiB exceeded*"
+            "a process the test started; the test itself survived*",
+        ]
+    )
+
+
+def test_cpu_throttling_is_reported_and_can_fail(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+
+        def spin(seconds):
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                pass
+
+        @pytest.mark.nsbox(cpu=0.1)
+        def test_throttled():
+            spin(1.0)
+
+        @pytest.mark.nsbox(cpu=0.1, max_throttle=0.2)
+        def test_too_throttled():
+            spin(1.0)
+        """
+    )
+    result = pytester.runpytest_subprocess("-rA")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.re_match_lines(
+        [
+            r"cpu: \d+\.\d\d s used, throttled \d+ of \d+ periods \(\d+\.\d s\)",
+            r"THROTTLED .*::test_too_throttled - CPU-throttled: throttled \d+\.\d\d s of "
+            r"\d+\.\d\d s wall time \(\d+%\) under cpu=0.1, above max_throttle=0.2",
+        ]
+    )
+
+
+def test_pids_limit_is_reported_and_nothing_is_left(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os, time
+        import pytest
+
+        @pytest.mark.nsbox(pids=16)
+        def test_fork_loop():
+            children = []
+            for _ in range(64):
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                children.append(pid)
+        """
+    )
+    start = time.monotonic()
+    result = pytester.runpytest_subprocess("-rA")
+    assert time.monotonic() - start < 25
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*PIDS-LIMIT*test_fork_loop - pids limit 16 reached * (fork failed with EAGAIN); *"]
+    )
+
+
+def test_timeout_kills_the_whole_sandbox(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import signal, subprocess, time
+        import pytest
+
+        @pytest.mark.nsbox(timeout=1)
+        def test_hangs():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for _ in range(3):
+                subprocess.Popen(["sleep", "100"])
+            time.sleep(100)
+        """
+    )
+    start = time.monotonic()
+    result = pytester.runpytest_subprocess("-rA")
+    elapsed = time.monotonic() - start
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*TIMEOUT*test_hangs - Timeout: sandbox killed after 1.0 s (4 processes)"]
+    )
+    assert elapsed < 10, elapsed
+
+
+def test_usage_goes_to_junit_and_json(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nsbox(memory="128m", cpu=1, pids=32)
+        def test_small():
+            assert sum(range(1000)) == 499500
+        """
+    )
+    report = pytester.path / "nsbox.json"
+    xml = pytester.path / "junit.xml"
+    result = pytester.runpytest_subprocess(f"--nsbox-report={report}", f"--junitxml={xml}")
+    result.assert_outcomes(passed=1)
+    data = json.loads(report.read_text())
+    (record,) = data["tests"]
+    assert record["outcome"] == "passed"
+    assert record["limits"] == {"memory": 128 * 1024 * 1024, "cpu": 1.0, "pids": 32, "timeout": None}
+    assert record["usage"]["memory_peak"] > 0
+    assert record["usage"]["cpu_seconds"] > 0
+    assert record["events"] == []
+    text = xml.read_text()
+    assert 'name="nsbox_memory_peak"' in text
+    assert 'name="nsbox_cpu_seconds"' in text
+    result.stdout.fnmatch_lines(["*= nsbox =*", "top 1 by peak memory:*"])
+
+
+def test_default_memory_limit_from_the_command_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_hog_without_a_marker():
+            hog = bytearray(300 * 1024 * 1024)
+            hog[::4096] = b"x" * len(hog[::4096])
+        """
+    )
+    result = pytester.runpytest_subprocess("--nsbox", "--nsbox-memory=64m", "-rA")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*OOM-killed: memory limit 64.0 MiB exceeded*"])
+
+
+def test_bad_limit_values_are_collection_errors(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nsbox(memory="64x")
+        def test_a(): pass
+
+        @pytest.mark.nsbox(cpu=0)
+        def test_b(): pass
+
+        @pytest.mark.nsbox(pids=0)
+        def test_c(): pass
+
+        @pytest.mark.nsbox(memory="8m")
+        def test_d(): pass
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*memory='64x'*::test_a: expected bytes as an int or a size like*\"64m\"*",
+            "*cpu=0*::test_b: expected a number of CPUs > 0*",
+            "*pids=0*::test_c: expected at least 4*",
+            "*memory='8m'*::test_d: 8.0 MiB is below the 16.0 MiB minimum*",
+        ]
+    )

@@ -1,0 +1,126 @@
+"""The rootless path, for real: pytest run by an unprivileged user.
+
+The inner pytest runs as ``nsbox-tester`` in a project that user owns. The
+sandbox there is built without any privilege: a user namespace, an overlay
+with ``userxattr``, capabilities dropped before the test runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import PlainUser, run_as, run_in_fork_as
+
+from pytest_nsbox import probe
+
+
+def write(project: Path, user: PlainUser, name: str, text: str) -> None:
+    import os
+
+    path = project / name
+    path.write_text(textwrap.dedent(text))
+    os.chown(path, user.uid, user.gid)
+
+
+def run_pytest(project: Path, user: PlainUser, *args: str) -> tuple[int, str]:
+    result = run_as(
+        user,
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
+        cwd=str(project),
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_probe_as_plain_user(plain_user: PlainUser) -> None:
+    def ask() -> tuple[bool, bool, str]:
+        probe.probe.cache_clear()
+        caps = probe.probe()
+        return caps.usable, caps.privileged, caps.namespaces
+
+    usable, privileged, namespaces = run_in_fork_as(plain_user, ask)
+    assert usable
+    assert not privileged
+    assert namespaces == "user+mnt+pid+net+uts+ipc+cgroup"
+
+
+def test_rootless_sandbox_end_to_end(plain_user: PlainUser, user_project: Path) -> None:
+    write(user_project, plain_user, "data.txt", "original")
+    write(
+        user_project,
+        plain_user,
+        "test_rootless.py",
+        f"""
+        import os, socket, ctypes
+        from pathlib import Path
+        import pytest
+
+        ROOT = Path(__file__).parent
+        pytestmark = pytest.mark.nsbox
+
+        def test_identity_and_namespaces():
+            assert os.getuid() == {plain_user.uid}
+            assert os.getpid() == 2
+            assert socket.if_nameindex() == [(1, "lo")]
+
+        def test_no_capabilities_left():
+            status = open("/proc/self/status").read()
+            caps = {{line.split(":")[0]: line.split()[1] for line in status.splitlines() if line.startswith("Cap")}}
+            assert caps["CapEff"] == "0000000000000000", caps
+            assert caps["CapPrm"] == "0000000000000000", caps
+
+        def test_writes_and_deletes_dirs():
+            (ROOT / "data.txt").write_text("changed")
+            (ROOT / "d").mkdir()
+            (ROOT / "d" / "f").write_text("x")
+            (ROOT / "d" / "f").unlink()
+            (ROOT / "d").rmdir()
+
+        def test_chmod_000_is_enforced():
+            target = ROOT / "data.txt"
+            target.chmod(0)
+            with pytest.raises(PermissionError):
+                target.read_text()
+
+        def test_cannot_unmount_the_overlay():
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.umount2(str(ROOT).encode(), 2) == -1
+            assert ctypes.get_errno() in (1, 22)
+
+        def test_repo_intact():
+            assert (ROOT / "data.txt").read_text() == "original"
+        """,
+    )
+    code, output = run_pytest(user_project, plain_user)
+    assert code == 0, output
+    assert "6 passed" in output, output
+    assert (user_project / "data.txt").read_text() == "original"
+    assert (user_project / "data.txt").stat().st_mode & 0o777 == 0o644
+    assert "rootless" in output
+
+
+def test_rootless_limits_follow_unavailable_option(plain_user: PlainUser, user_project: Path) -> None:
+    write(
+        user_project,
+        plain_user,
+        "test_limits.py",
+        """
+        import pytest
+
+        @pytest.mark.nsbox(memory="64m")
+        def test_limited():
+            pass
+        """,
+    )
+    code, output = run_pytest(user_project, plain_user)
+    assert code == 1, output
+    assert "nsbox: cannot sandbox this test: memory=64.0 MiB needs cgroups" in output, output
+    assert "Delegate=yes" in output, output
+    code, output = run_pytest(user_project, plain_user, "--nsbox-unavailable=skip")
+    assert code == 0, output
+    assert "1 skipped" in output, output
+    code, output = run_pytest(user_project, plain_user, "--nsbox-unavailable=run")
+    assert code == 0, output
+    assert "ran without the sandbox" in output, output
