@@ -50,6 +50,7 @@ class SandboxedItem:
     def run(self) -> None:
         global _result_fd
         _result_fd = self.result_fd
+        covdata.detach_in_child()
         with warnings.catch_warnings(record=True) as caught:
             # record=True keeps the filters the parent's warnings plugin set
             # for this item; only where warnings end up changes.
