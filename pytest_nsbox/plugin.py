@@ -52,7 +52,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     if config.getoption("nsbox_doctor", False):
         from pytest_nsbox import doctor
 
-        return doctor.run(print)
+        return doctor.run(print, str(config.rootpath), config.getoption("nsbox_cgroup", None))
     return None
 
 

@@ -44,7 +44,7 @@ class _NoOp:
         return None
 
 
-def _try(privileged: bool) -> str | None:
+def try_sandbox(privileged: bool) -> str | None:
     """Run one no-op sandbox; None when it worked, else what failed."""
     top = tempfile.mkdtemp(prefix="pytest-nsbox-probe-")
     try:
@@ -78,7 +78,7 @@ def probe() -> Capabilities:
     """Try the privileged sequence as root, else the rootless one."""
     failures = []
     for privileged in [True, False] if os.geteuid() == 0 else [False]:
-        problem = _try(privileged)
+        problem = try_sandbox(privileged)
         if problem is None:
             flags = sandbox.base_namespaces(True, privileged) | kernel.CLONE_NEWUSER
             return Capabilities(True, privileged, kernel.describe_clone_flags(flags))

@@ -93,7 +93,6 @@ class NsboxSession:
         else:
 
             def setup() -> None:
-                __tracebackhide__ = True
                 pytest.fail(f"nsbox: cannot sandbox this test: {reason}", pytrace=False)
 
         return [
