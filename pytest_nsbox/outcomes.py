@@ -21,6 +21,7 @@ import pytest
 
 from pytest_nsbox.config import SandboxSettings, format_size
 from pytest_nsbox.runner import SandboxRun
+from pytest_nsbox.sandbox import EXIT_TEST_RUNNER_FAILED
 
 PHASES = ("setup", "call", "teardown")
 
@@ -33,6 +34,7 @@ EVENT_STATUS = {
     "pids": ("P", "PIDS-LIMIT"),
     "throttle": ("H", "THROTTLED"),
     "writes": ("W", "WROTE-REPO"),
+    "full": ("F", "TMP-FULL"),
     "sandbox": ("E", "SANDBOX-ERROR"),
 }
 
@@ -163,7 +165,9 @@ def build(
     shared across the fork, so when the test dies the parent can still read
     what it printed before.
     """
-    reports = {rep.when: rep for rep in (_deserialize(item.config, b) for b in run.bodies("report"))}
+    reports = {
+        rep.when: rep for rep in (_deserialize(item.config, b) for b in run.bodies("report"))
+    }
     outcome = Outcome(reports=[], usage=usage, left_running=[list(p) for p in _left(run)])
     exit_frame = run.first("exit")
     test_status = int(exit_frame["status"]) if exit_frame else None
@@ -189,6 +193,17 @@ def build(
             "sandbox",
             f"nsbox: protocol error on the result pipe: {run.protocol_error} "
             "(did the test write to or close the sandbox's result pipe?)",
+        )
+    elif (
+        missing is not None
+        and test_status is not None
+        and os.WIFEXITED(test_status)
+        and os.WEXITSTATUS(test_status) == EXIT_TEST_RUNNER_FAILED
+    ):
+        death = (
+            "sandbox",
+            f"nsbox: the test process could not send its {missing} report "
+            "(did the test close or break the sandbox's result pipe?)",
         )
     elif missing is not None and test_status is not None:
         death = (
@@ -242,6 +257,16 @@ def build(
         body.sections.append(("nsbox: pids limit", line))
         _mark_failed_report(item, ordered, "pids", line)
 
+    for full in (run.first("full") or {}).get("filesystems", []):
+        line = (
+            f"{full['path']} is full: its {format_size(int(full['size']))} tmpfs "
+            "(tmp_size) ran out, so writes failed with ENOSPC"
+        )
+        outcome.events.append("full")
+        outcome.messages.append(line)
+        body.sections.append(("nsbox: file system full", line))
+        _mark_failed_report(item, ordered, "full", line)
+
     if settings.cpu is not None:
         body.sections.append(("nsbox: cpu", _cpu_line(usage)))
         exceeded = _throttle_exceeded(settings, usage)
@@ -270,7 +295,9 @@ def build(
 
 def _deserialize(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
     """A report from the pipe; JSON turned its tuples into lists, pytest wants tuples."""
-    report: pytest.TestReport = config.hook.pytest_report_from_serializable(config=config, data=data)
+    report: pytest.TestReport = config.hook.pytest_report_from_serializable(
+        config=config, data=data
+    )
     if isinstance(report.longrepr, list):  # a skip's (path, lineno, reason)
         report.longrepr = tuple(report.longrepr)  # type: ignore[assignment]
     report.location = tuple(report.location)  # type: ignore[assignment]

@@ -37,6 +37,7 @@ EXIT_SETUP_FAILED = 120
 EXIT_TEST_RUNNER_FAILED = 121
 
 _MAP_ALL_IDS = "0 0 4294967295"
+_FULL_MARGIN = 64 * 1024  # a tmpfs with less free space than this counts as full
 
 
 class CgroupAttach(Protocol):
@@ -141,6 +142,9 @@ def _run_init(spec: SandboxSpec, result_fd: int, run_test: TestProcess, outer_pi
     try:
         status = _reap_until(test_pid)
         protocol.send(result_fd, "exit", {"status": status})
+        full = _full_filesystems(spec, scratch_fd)
+        if full:
+            protocol.send(result_fd, "full", {"filesystems": full})
         left = _kill_leftovers()
         if left:
             protocol.send(result_fd, "left_running", {"processes": left})
@@ -223,6 +227,18 @@ def _run_test_process(
     os._exit(0)
 
 
+def _full_filesystems(spec: SandboxSpec, scratch_fd: int) -> list[dict[str, object]]:
+    """The sandbox's size-limited tmpfs mounts that the test filled up."""
+    candidates = [(f"{spec.filesystem.rootdir} (writes to the repo)", os.fstatvfs(scratch_fd))]
+    if spec.filesystem.private_tmp:
+        candidates.append(("/tmp", os.statvfs("/tmp")))
+    return [
+        {"path": path, "size": st.f_blocks * st.f_frsize}
+        for path, st in candidates
+        if st.f_bavail * st.f_frsize < _FULL_MARGIN
+    ]
+
+
 def _reap_until(test_pid: int) -> int:
     """As pid 1: reap every child (orphans are re-parented here) until the test exits."""
     while True:
@@ -235,12 +251,15 @@ def _reap_until(test_pid: int) -> int:
 
 
 def _kill_leftovers() -> list[list[object]]:
-    """List the processes still alive besides pid 1, kill them all, reap them."""
+    """List the processes still running besides pid 1, kill them all, reap everything."""
     left: list[list[object]] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or entry == "1":
             continue
         try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if stat.read().rpartition(")")[2].split()[0] == "Z":
+                    continue  # exited, only not reaped yet: not left running
             with open(f"/proc/{entry}/comm") as comm:
                 name = comm.read().strip()
             with open(f"/proc/{entry}/cmdline", "rb") as cmd:
@@ -252,13 +271,13 @@ def _kill_leftovers() -> list[list[object]]:
         # From pid 1, -1 means every other process of the namespace.
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
-        while True:
-            try:
-                os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
     return sorted(left)
 
 
