@@ -43,7 +43,7 @@ def _in_child(action: Callable[[], None]) -> str | None:
         try:
             action()
             os._exit(0)
-        except BaseException as exc:  # noqa: BLE001 - report whatever failed
+        except BaseException as exc:  # report whatever failed
             os.write(write_end, str(exc).encode()[:4000] or repr(exc).encode())
             os._exit(1)
     os.close(write_end)
@@ -157,7 +157,7 @@ def check_cgroups(cgroup_path: str | None) -> list[Check]:
             )
         )
         return checks
-    except Exception as exc:  # noqa: BLE001 - a doctor reports, it does not crash
+    except Exception as exc:  # a doctor reports, it does not crash
         return [Check("cgroup limits", WARN, str(exc), "see the cgroup step named above")]
     finally:
         manager.close()

@@ -165,7 +165,7 @@ def build(
     shared across the fork, so when the test dies the parent can still read
     what it printed before.
     """
-    reports = {
+    reports: dict[str, pytest.TestReport] = {
         rep.when: rep for rep in (_deserialize(item.config, b) for b in run.bodies("report"))
     }
     outcome = Outcome(reports=[], usage=usage, left_running=[list(p) for p in _left(run)])
@@ -223,7 +223,7 @@ def build(
         failed = failure(item, phase, message)
         failed.nsbox_event = event  # type: ignore[attr-defined]
         # Output the test wrote before it died (see the ``captured`` argument).
-        for stream, text in zip(("stdout", "stderr"), captured):
+        for stream, text in zip(("stdout", "stderr"), captured, strict=True):
             if text:
                 failed.sections.append((f"Captured {stream} {phase}", text))
         if phase == "teardown" and "teardown" in reports:
@@ -271,7 +271,7 @@ def build(
         body.sections.append(("nsbox: cpu", _cpu_line(usage)))
         exceeded = _throttle_exceeded(settings, usage)
         if exceeded is not None and body.passed:
-            failed = failure(item, body.when, exceeded)  # type: ignore[arg-type]
+            failed = failure(item, body.when, exceeded)
             failed.sections = list(body.sections)
             failed.duration = body.duration
             failed.nsbox_event = "throttle"  # type: ignore[attr-defined]
@@ -298,8 +298,9 @@ def _deserialize(config: pytest.Config, data: dict[str, Any]) -> pytest.TestRepo
     report: pytest.TestReport = config.hook.pytest_report_from_serializable(
         config=config, data=data
     )
-    if isinstance(report.longrepr, list):  # a skip's (path, lineno, reason)
-        report.longrepr = tuple(report.longrepr)  # type: ignore[assignment]
+    longrepr: Any = report.longrepr
+    if isinstance(longrepr, list):  # a skip's (path, lineno, reason)
+        report.longrepr = tuple(longrepr)
     report.location = tuple(report.location)  # type: ignore[assignment]
     report.user_properties = [tuple(p) for p in report.user_properties]  # type: ignore[misc]
     return report

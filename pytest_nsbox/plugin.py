@@ -167,7 +167,7 @@ def _teardown_parent_state(
         return
     call = pytest.CallInfo.from_call(lambda: setupstate.teardown_exact(nextitem), "teardown")
     if call.excinfo is not None:
-        failed = pytest.TestReport.from_item_and_call(item, call)  # type: ignore[arg-type]
+        failed = pytest.TestReport.from_item_and_call(item, call)
         reports[:] = [r for r in reports if r.when != "teardown"] + [failed]
 
 

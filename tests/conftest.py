@@ -150,7 +150,7 @@ def run_as(
     user: PlainUser, argv: list[str], cwd: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """Run a command as ``user``, with this interpreter and its packages reachable."""
-    reachable = interpreter_paths() + [cwd]
+    reachable = [*interpreter_paths(), cwd]
 
     def become_user() -> None:
         make_reachable(reachable)

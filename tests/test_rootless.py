@@ -11,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 from conftest import PlainUser, run_as, run_in_fork_as
 
 from pytest_nsbox import probe

@@ -8,6 +8,7 @@ sandboxed test observes it asserts itself, inside; what must hold afterwards
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -61,10 +62,8 @@ def test_network_is_loopback_only(pytester: pytest.Pytester) -> None:
     host_listener.settimeout(5)
 
     def accept() -> None:
-        try:
+        with contextlib.suppress(OSError):
             accepted.append(host_listener.accept())
-        except OSError:
-            pass
 
     waiter = threading.Thread(target=accept)
     waiter.start()
