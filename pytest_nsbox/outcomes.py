@@ -183,7 +183,7 @@ def build(
     elif run.timed_out:
         death = (
             "timeout",
-            f"Timeout: sandbox killed after {settings.timeout or 0:.1f} s "
+            f"Timeout: sandbox killed after {run.timeout or 0:.1f} s "
             f"({run.killed_at_timeout} process{'es' if run.killed_at_timeout != 1 else ''})",
         )
     elif usage.oom_kills and test_killed and missing is not None:

@@ -37,6 +37,7 @@ class SandboxRun:
     outer_status: int | None = None
     cpu_seconds: float = 0.0
     max_rss: int = 0
+    timeout: float | None = None
     timed_out: bool = False
     killed_at_timeout: int = 0
     interrupted: bool = False
@@ -65,7 +66,7 @@ def run(
     (pid 1), whose death takes every process of its pid namespace with it.
     On KeyboardInterrupt the sandbox is killed and the interrupt re-raised.
     """
-    result = SandboxRun()
+    result = SandboxRun(timeout=timeout)
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     parent_pid = os.getpid()
     started = time.monotonic()

@@ -211,7 +211,12 @@ def test_usage_goes_to_junit_and_json(pytester: pytest.Pytester) -> None:
     data = json.loads(report.read_text())
     (record,) = data["tests"]
     assert record["outcome"] == "passed"
-    assert record["limits"] == {"memory": 128 * 1024 * 1024, "cpu": 1.0, "pids": 32, "timeout": None}
+    assert record["limits"] == {
+        "memory": 128 * 1024 * 1024,
+        "cpu": 1.0,
+        "pids": 32,
+        "timeout": None,
+    }
     assert record["usage"]["memory_peak"] > 0
     assert record["usage"]["cpu_seconds"] > 0
     assert record["events"] == []
@@ -260,5 +265,32 @@ def test_bad_limit_values_are_collection_errors(pytester: pytest.Pytester) -> No
             "*cpu=0*::test_b: expected a number of CPUs > 0*",
             "*pids=0*::test_c: expected at least 4*",
             "*memory='8m'*::test_d: 8.0 MiB is below the 16.0 MiB minimum*",
+        ]
+    )
+
+
+def test_pytest_timeout_kills_the_whole_sandbox(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import subprocess, time
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_hangs():
+            subprocess.Popen(["sleep", "100"])
+            time.sleep(100)
+
+        def test_inline_still_uses_pytest_timeout():
+            time.sleep(100)
+        """
+    )
+    start = time.monotonic()
+    result = pytester.runpytest_subprocess("--timeout=1", "-rA", "-p", "no:cacheprovider")
+    assert time.monotonic() - start < 20
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*TIMEOUT *::test_hangs - Timeout: sandbox killed after 1.0 s (2 processes)",
+            "FAILED *::test_inline_still_uses_pytest_timeout - Failed: Timeout*",
         ]
     )
