@@ -10,7 +10,9 @@ points at its step:
 4. overlayfs on the rootdir's own path: the repo as it is, every write
    landing in the upper layer and thrown away with the sandbox;
 5. a private, size-limited ``/tmp`` and ``/dev/shm``;
-6. the held paths bound back at their own paths (inside the new ``/tmp`` too);
+6. the held paths bound back at their own paths (inside the new ``/tmp`` too),
+   and, read-only, the interpreter's own paths that the new ``/tmp`` would
+   hide (a virtualenv under ``/tmp``, as CI checkouts often have);
 7. a ``/proc`` for the new pid namespace.
 
 Mounted by real root, the overlay gets ``redirect_dir=on`` (directory
@@ -38,6 +40,7 @@ class FilesystemPlan:
     tmp_size: int
     upper_size: int
     passthrough: tuple[str, ...]
+    readonly: tuple[str, ...] = ()
 
 
 def _escape_option(path: str) -> str:
@@ -56,12 +59,25 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def _bind(fd: int, target: str) -> None:
+def _outermost(paths: tuple[str, ...]) -> list[str]:
+    """The paths that are not below another one of them."""
+    return [p for p in paths if not any(p != q and _under(p, q) for q in paths)]
+
+
+def _bind(fd: int, target: str, *, readonly: bool = False) -> None:
     try:
-        os.makedirs(target, exist_ok=True)
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "a"):
+                pass
     except OSError as exc:
         raise kernel.SandboxSetupError(f"mkdir {target}", exc.errno or 0) from None
     kernel.mount(f"/proc/self/fd/{fd}", target, None, kernel.MS_BIND | kernel.MS_REC, None)
+    if readonly:
+        flags = kernel.MS_REMOUNT | kernel.MS_BIND | kernel.MS_RDONLY
+        kernel.mount(None, target, None, flags, None)
 
 
 def mount_overlay(rootdir: str, scratch_fd: int, privileged: bool) -> None:
@@ -83,13 +99,16 @@ def set_up(plan: FilesystemPlan) -> tuple[int, int]:
     repo as it is beneath the overlay, both as fds the test never inherits.
     """
     kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, None)
+    hidden_tops = ["/dev/shm", "/tmp"] if plan.private_tmp else ["/dev/shm"]
     held = {path: _open_path(path) for path in plan.passthrough}
+    readonly = {
+        path: _open_path(path)
+        for path in _outermost(plan.readonly)
+        if any(_under(path, top) for top in hidden_tops) and not _under(path, plan.rootdir)
+    }
     lower_fd = os.open(plan.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     scratch_fd = kernel.detached_tmpfs(plan.upper_size)
     mount_overlay(plan.rootdir, scratch_fd, plan.privileged)
-    hidden_tops = ["/dev/shm"]
-    if plan.private_tmp:
-        hidden_tops.append("/tmp")
     if any(_under(plan.rootdir, top) for top in hidden_tops):
         held[plan.rootdir] = _open_path(plan.rootdir)
     if plan.private_tmp:
@@ -107,10 +126,12 @@ def set_up(plan: FilesystemPlan) -> tuple[int, int]:
         kernel.MS_NOSUID | kernel.MS_NODEV,
         f"size={DEV_SHM_SIZE},mode=1777",
     )
-    for path in sorted(held, key=lambda p: p.count("/")):
+    for path in sorted({*held, *readonly}, key=lambda p: p.count("/")):
+        fd = held.get(path, readonly.get(path))
+        assert fd is not None
         try:
-            _bind(held[path], path)
+            _bind(fd, path, readonly=path in readonly and path not in held)
         finally:
-            os.close(held[path])
+            os.close(fd)
     kernel.mount("proc", "/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV, None)
     return scratch_fd, lower_fd

@@ -322,6 +322,13 @@ def _flush_std() -> None:
             stream.flush()
 
 
+def interpreter_paths() -> tuple[str, ...]:
+    """What the test's Python needs to keep working: its prefixes and import path."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable)}
+    paths.update(p for p in sys.path if p)
+    return tuple(sorted(os.path.realpath(p) for p in paths if os.path.exists(p)))
+
+
 def build_spec(
     *,
     rootdir: str,
@@ -349,6 +356,7 @@ def build_spec(
             tmp_size=tmp_size,
             upper_size=tmp_size,
             passthrough=passthrough,
+            readonly=interpreter_paths(),
         ),
         loopback_request=network.loopback_up_request() if isolate_network else None,
         list_writes=list_writes,

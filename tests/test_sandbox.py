@@ -437,4 +437,37 @@ def test_capture_no_still_sandboxes(pytester: pytest.Pytester) -> None:
 def test_header_says_what_the_sandbox_does(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest()
-    result.stdout.fnmatch_lines([f"nsbox: user+mnt+pid+net+uts+ipc+cgroup namespaces, overlay on {pytester.path}*"])
+    result.stdout.fnmatch_lines(
+        [f"nsbox: user+mnt+pid+net+uts+ipc+cgroup namespaces, overlay on {pytester.path}*"]
+    )
+
+
+def test_import_path_under_tmp_stays_visible_read_only(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A virtualenv or PYTHONPATH entry under /tmp survives the private /tmp."""
+    import shutil
+    import tempfile
+
+    libdir = Path(tempfile.mkdtemp(prefix="nsbox-lib-", dir="/tmp"))
+    try:
+        (libdir / "lazy_helper.py").write_text("VALUE = 42\n")
+        monkeypatch.setenv("PYTHONPATH", str(libdir))
+        pytester.makepyfile(
+            """
+            import errno
+            import pytest
+
+            @pytest.mark.nsbox
+            def test_lazy_import():
+                import lazy_helper
+                assert lazy_helper.VALUE == 42
+                with pytest.raises(OSError) as info:
+                    open(lazy_helper.__file__, "a")
+                assert info.value.errno == errno.EROFS
+            """
+        )
+        pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+        assert (libdir / "lazy_helper.py").read_text() == "VALUE = 42\n"
+    finally:
+        shutil.rmtree(libdir)
