@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 from filelock import FileLock, Timeout
 
+from pytest_nsbox.kernel import StepError
+
 #: The CFS period, as docker uses it: ``--cpus=0.5`` is 50 ms of CPU time every 100 ms.
 CPU_PERIOD_US = 100_000
 #: The kernel refuses a smaller quota, so a tinier cpu limit gets this one.
@@ -89,24 +91,8 @@ class CgroupUnavailable(Exception):
     """No cgroup can take the tests' limits here; the message says what is missing and the fix."""
 
 
-class CgroupError(OSError):
+class CgroupError(StepError):
     """A cgroup step failed; the message names the step, the path and the errno."""
-
-    def __init__(self, step: str, err: int, detail: str = "") -> None:
-        name = errno.errorcode.get(err, f"errno {err}")
-        message = f"{step} failed: {name} ({os.strerror(err)})"
-        if detail:
-            message += f"; {detail}"
-        super().__init__(err, message)
-        self.step = step
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-    def __reduce__(self) -> tuple[type[CgroupError], tuple[str, int, str]]:
-        # The default would rebuild from (errno, message) and lose the step.
-        return type(self), (self.step, self.errno or errno.EIO, self.detail)
 
 
 # -- the kernel's files -------------------------------------------------------

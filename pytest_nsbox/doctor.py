@@ -55,16 +55,8 @@ def _in_child(action: Callable[[], None]) -> str | None:
     return message or f"the check's child ended with status {status}"
 
 
-def _sysctl(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def check_user_namespaces() -> Check:
-    limit = _sysctl("/proc/sys/user/max_user_namespaces")
+    limit = probe.read_setting("/proc/sys/user/max_user_namespaces")
     error = _in_child(lambda: kernel.unshare(kernel.CLONE_NEWUSER))
     if error is None:
         return Check("user namespaces", OK, f"unshare(user) works (max_user_namespaces={limit})")

@@ -55,8 +55,11 @@ _libc.mount.argtypes = [
 ]
 
 
-class SandboxSetupError(OSError):
-    """A set-up step failed; the message names the step, the path and the errno."""
+class StepError(OSError):
+    """A step failed; the message names the step, the path and the errno.
+
+    ``mount overlay on /repo failed: EINVAL (Invalid argument)``.
+    """
 
     def __init__(self, step: str, err: int, detail: str = "") -> None:
         name = errno.errorcode.get(err, f"errno {err}")
@@ -65,9 +68,18 @@ class SandboxSetupError(OSError):
             message += f"; {detail}"
         super().__init__(err, message)
         self.step = step
+        self.detail = detail
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+    def __reduce__(self) -> tuple[type[StepError], tuple[str, int, str]]:
+        # The default would rebuild from (errno, message) and lose the step.
+        return type(self), (self.step, self.errno or errno.EIO, self.detail)
+
+
+class SandboxSetupError(StepError):
+    """A step of the sandbox's set-up failed."""
 
 
 def _check(result: int, step: str) -> int:

@@ -86,7 +86,8 @@ def probe() -> Capabilities:
     return Capabilities(False, False, "", problem=failures[-1], fix=explain(failures[-1]))
 
 
-def _read(path: str) -> str | None:
+def read_setting(path: str) -> str | None:
+    """A sysctl or other one-line kernel setting, None where it does not exist."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -96,14 +97,14 @@ def _read(path: str) -> str | None:
 
 def explain(problem: str) -> str:
     """How to fix a failed probe, from the machine's own settings."""
-    if _read("/proc/sys/user/max_user_namespaces") == "0":
+    if read_setting("/proc/sys/user/max_user_namespaces") == "0":
         return "user namespaces are disabled: sysctl -w user.max_user_namespaces=15000"
-    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+    if read_setting("/proc/sys/kernel/unprivileged_userns_clone") == "0":
         return (
             "unprivileged user namespaces are disabled: "
             "sysctl -w kernel.unprivileged_userns_clone=1"
         )
-    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+    if read_setting("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
         return (
             "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+): "
             "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor "

@@ -131,7 +131,9 @@ def make_reachable(paths: list[str]) -> None:
                     os.mkdir(target)
                 else:
                     open(target, "w").close()
-                kernel.mount(f"/proc/self/fd/{fd}", target, None, kernel.MS_BIND | kernel.MS_REC, None)
+                kernel.mount(
+                    f"/proc/self/fd/{fd}", target, None, kernel.MS_BIND | kernel.MS_REC, None
+                )
                 os.close(fd)
     raise RuntimeError(f"could not make {paths} reachable")
 
@@ -139,15 +141,18 @@ def make_reachable(paths: list[str]) -> None:
 def interpreter_paths() -> list[str]:
     """What a plain user needs to read to run this interpreter with its packages."""
     import pytest_nsbox
+    from pytest_nsbox.sandbox import interpreter_paths as python_paths
 
-    paths = {os.path.realpath(sys.executable), sys.prefix, sys.base_prefix}
-    paths.add(os.path.dirname(os.path.dirname(pytest_nsbox.__file__)))
-    paths.update(p for p in sys.path if p and os.path.exists(p))
-    return sorted(paths)
+    package_root = os.path.dirname(os.path.dirname(pytest_nsbox.__file__))
+    return sorted({*python_paths(), os.path.realpath(sys.executable), package_root})
 
 
 def run_as(
-    user: PlainUser, argv: list[str], cwd: str, env: dict[str, str] | None = None, timeout: float = 300
+    user: PlainUser,
+    argv: list[str],
+    cwd: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command as ``user``, with this interpreter and its packages reachable."""
     reachable = [*interpreter_paths(), cwd]

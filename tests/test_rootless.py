@@ -100,7 +100,9 @@ def test_rootless_sandbox_end_to_end(plain_user: PlainUser, user_project: Path) 
     assert "rootless" in output
 
 
-def test_rootless_limits_follow_unavailable_option(plain_user: PlainUser, user_project: Path) -> None:
+def test_rootless_limits_follow_unavailable_option(
+    plain_user: PlainUser, user_project: Path
+) -> None:
     write(
         user_project,
         plain_user,
