@@ -20,17 +20,20 @@ private attributes used, each guarded, like ``_hasher`` in :func:`merge`.
 from __future__ import annotations
 
 import base64
+import sys
 from typing import Any
 
 from pytest_nsbox import protocol
 
 
 def _current() -> Any:
-    try:
-        import coverage
-    except ImportError:
-        return None
-    return coverage.Coverage.current()
+    """The running measurement, if any.
+
+    A running coverage is already imported; importing it here only to find
+    nothing would cost every sandboxed test ~90 ms.
+    """
+    coverage = sys.modules.get("coverage")
+    return None if coverage is None else coverage.Coverage.current()
 
 
 def detach_in_child() -> None:

@@ -101,9 +101,11 @@ def set_up(plan: FilesystemPlan) -> tuple[int, int]:
     kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, None)
     hidden_tops = ["/dev/shm", "/tmp"] if plan.private_tmp else ["/dev/shm"]
     held = {path: _open_path(path) for path in plan.passthrough}
+    # Never a hidden top itself: a script run from /tmp puts "/tmp" on
+    # sys.path, and binding that back would undo the private /tmp.
     readonly = {
         path: _open_path(path)
-        for path in _outermost(plan.readonly)
+        for path in _outermost(tuple(p for p in plan.readonly if p not in hidden_tops))
         if any(_under(path, top) for top in hidden_tops) and not _under(path, plan.rootdir)
     }
     lower_fd = os.open(plan.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -471,3 +471,28 @@ def test_import_path_under_tmp_stays_visible_read_only(
         assert (libdir / "lazy_helper.py").read_text() == "VALUE = 42\n"
     finally:
         shutil.rmtree(libdir)
+
+
+def test_tmp_itself_on_sys_path_stays_private(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script run from /tmp puts /tmp on sys.path; /tmp must stay private anyway."""
+    marker = Path(f"/tmp/nsbox-host-only-{os.getpid()}")
+    marker.write_text("host")
+    try:
+        monkeypatch.setenv("PYTHONPATH", "/tmp")
+        pytester.makepyfile(
+            f"""
+            import os
+            import pytest
+
+            @pytest.mark.nsbox
+            def test_private():
+                assert not os.path.exists("{marker}")
+                open("/tmp/written-inside", "w").close()
+            """
+        )
+        pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+        assert not os.path.exists("/tmp/written-inside")
+    finally:
+        marker.unlink()
