@@ -6,7 +6,8 @@ points at its step:
 1. make every mount private, so nothing below propagates to the host;
 2. open the host paths that stay writable (``writable=``, pytest's basetemp)
    before the overlay can hide them;
-3. a detached tmpfs holds the overlay's upper and work directories;
+3. a tmpfs, mounted for a moment and then detached, holds the overlay's
+   upper and work directories;
 4. overlayfs on the rootdir's own path: the repo as it is, every write
    landing in the upper layer and thrown away with the sandbox;
 5. a private, size-limited ``/tmp`` and ``/dev/shm``;
@@ -22,6 +23,7 @@ deleting a directory fails with EIO), which excludes ``redirect_dir``.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -80,16 +82,54 @@ def _bind(fd: int, target: str, *, readonly: bool = False) -> None:
         kernel.mount(None, target, None, flags, None)
 
 
-def mount_overlay(rootdir: str, scratch_fd: int, privileged: bool) -> None:
-    """Overlay on ``rootdir`` with its upper/work dirs in the scratch tmpfs."""
-    for name in ("upper", "work"):
-        os.mkdir(name, 0o755, dir_fd=scratch_fd)
-    scratch = f"/proc/self/fd/{scratch_fd}"
-    options = (
-        f"lowerdir={_escape_option(rootdir)},upperdir={scratch}/upper,workdir={scratch}/work,"
-        + ("redirect_dir=on" if privileged else "userxattr")
+SCRATCH_MOUNTPOINTS = ("/dev/shm", "/tmp", "/mnt", "/media", "/srv", "/opt", "/var", "/home")
+
+
+def scratch_mountpoint(plan: FilesystemPlan) -> str:
+    """A directory to lay the scratch tmpfs on for a moment: no ancestor of what the test sees.
+
+    Mounting there must not hide the repo or any path bound back later, so
+    the first existing candidate that contains none of them is taken.
+    """
+    needed = (plan.rootdir, *plan.passthrough, *plan.readonly)
+    for candidate in SCRATCH_MOUNTPOINTS:
+        if os.path.isdir(candidate) and not any(_under(path, candidate) for path in needed):
+            return candidate
+    raise kernel.SandboxSetupError(
+        "choose a scratch mount point",
+        errno.ENOENT,
+        f"all of {SCRATCH_MOUNTPOINTS} hold test paths",
     )
-    kernel.mount("overlay", rootdir, "overlay", 0, options)
+
+
+def mount_scratch_and_overlay(plan: FilesystemPlan) -> int:
+    """The overlay on the rootdir, its upper/work dirs in a tmpfs nobody can reach.
+
+    The tmpfs is mounted on a borrowed directory, the overlay mounted, and the
+    tmpfs detached again: the overlay keeps its own reference to its upper
+    layer. (Pointing the overlay at a tmpfs that was never attached, made with
+    fsmount, fails with EINVAL on kernels before 6.6.) Returns an fd of the
+    tmpfs root, for reading back what the test wrote.
+    """
+    mountpoint = scratch_mountpoint(plan)
+    kernel.mount(
+        "nsbox-scratch",
+        mountpoint,
+        "tmpfs",
+        kernel.MS_NOSUID | kernel.MS_NODEV,
+        f"size={plan.upper_size},mode=0700",
+    )
+    scratch_fd = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    for name in ("upper", "work"):
+        os.mkdir(os.path.join(mountpoint, name), 0o755)
+    options = (
+        f"lowerdir={_escape_option(plan.rootdir)},"
+        f"upperdir={_escape_option(mountpoint)}/upper,workdir={_escape_option(mountpoint)}/work,"
+        + ("redirect_dir=on" if plan.privileged else "userxattr")
+    )
+    kernel.mount("overlay", plan.rootdir, "overlay", 0, options)
+    kernel.umount2(mountpoint, kernel.MNT_DETACH)
+    return scratch_fd
 
 
 def set_up(plan: FilesystemPlan) -> tuple[int, int]:
@@ -109,8 +149,7 @@ def set_up(plan: FilesystemPlan) -> tuple[int, int]:
         if any(_under(path, top) for top in hidden_tops) and not _under(path, plan.rootdir)
     }
     lower_fd = os.open(plan.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    scratch_fd = kernel.detached_tmpfs(plan.upper_size)
-    mount_overlay(plan.rootdir, scratch_fd, plan.privileged)
+    scratch_fd = mount_scratch_and_overlay(plan)
     if any(_under(plan.rootdir, top) for top in hidden_tops):
         held[plan.rootdir] = _open_path(plan.rootdir)
     if plan.private_tmp:

@@ -1,7 +1,7 @@
 """The Linux calls the sandbox is built from, each behind one small function.
 
 Python's ``os`` module lacks most of them before 3.12 (``unshare``, ``mount``,
-``sethostname``, the new mount API), so they go through libc with ctypes.
+``sethostname``, ``capset``), so they go through libc with ctypes.
 Every wrapper raises :class:`SandboxSetupError`, which names the step, the
 path and the errno, so a failed set-up reads like bubblewrap's messages:
 ``mount overlay on /repo failed: EINVAL (Invalid argument)``.
@@ -34,18 +34,10 @@ MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
-_SYS_FSOPEN = 430  # the same number on every architecture (unified syscall table)
-_SYS_FSCONFIG = 431
-_SYS_FSMOUNT = 432
-_FSOPEN_CLOEXEC = 0x1
-_FSCONFIG_SET_STRING = 1
-_FSCONFIG_CMD_CREATE = 6
-_FSMOUNT_CLOEXEC = 0x1
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
@@ -122,35 +114,6 @@ def sethostname(name: str) -> None:
 def prctl(option: int, arg: int) -> None:
     """prctl(2) with one argument."""
     _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
-
-
-def detached_tmpfs(size: int, mode: int = 0o700) -> int:
-    """A tmpfs that is mounted nowhere: fsopen + fsconfig + fsmount.
-
-    Returns a mount file descriptor. The overlay's upper and work directories
-    live in it and are reached through ``/proc/self/fd/N``, so no mount point
-    has to be borrowed (any borrowed directory could be an ancestor of the
-    repository) and nothing of it is visible to the test.
-    """
-    fs_fd = _check(
-        _libc.syscall(_SYS_FSOPEN, b"tmpfs", ctypes.c_uint(_FSOPEN_CLOEXEC)), "fsopen tmpfs"
-    )
-    try:
-        for key, value in ((b"size", str(size).encode()), (b"mode", f"{mode:o}".encode())):
-            _check(
-                _libc.syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_SET_STRING, key, value, 0),
-                f"fsconfig tmpfs {key.decode()}={value.decode()}",
-            )
-        _check(
-            _libc.syscall(_SYS_FSCONFIG, fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0),
-            "fsconfig tmpfs create",
-        )
-        return _check(
-            _libc.syscall(_SYS_FSMOUNT, fs_fd, ctypes.c_uint(_FSMOUNT_CLOEXEC), ctypes.c_uint(0)),
-            "fsmount tmpfs",
-        )
-    finally:
-        os.close(fs_fd)
 
 
 class _CapHeader(ctypes.Structure):

@@ -9,6 +9,7 @@ machine's settings into what is missing and how to fix it.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -110,15 +111,16 @@ def explain(problem: str) -> str:
             "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor "
             "profile for the Python interpreter that allows userns"
         )
-    if os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"):
+    if "overlay" in problem:
+        return (
+            f"overlayfs refused the mount on Linux {platform.release()}: modprobe overlay; "
+            "rootless needs a kernel >= 5.11 (and >= 6.6 for user xattrs on tmpfs)"
+        )
+    in_container = os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+    if in_container and ("unshare" in problem or "mount" in problem):
         return (
             "this looks like a container that forbids namespaces (seccomp or missing "
             "CAP_SYS_ADMIN): run it with --privileged, or with a seccomp profile that allows "
             "unshare/mount/clone with namespace flags"
-        )
-    if "overlay" in problem:
-        return (
-            "overlayfs is missing or refuses this mount: modprobe overlay; "
-            "rootless needs a kernel >= 5.11"
         )
     return "see `python -m pytest_nsbox doctor` for each capability"
