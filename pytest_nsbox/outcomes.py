@@ -117,8 +117,11 @@ def _describe_status(status: int) -> str:
 def _oom_line(settings: SandboxSettings, usage: Usage, victim: str) -> str:
     limit = format_size(settings.memory) if settings.memory else "the memory limit"
     peak = f"peak {format_size(usage.memory_peak)}, " if usage.memory_peak else ""
-    killed = f"{usage.oom_kills} process{'es' if usage.oom_kills != 1 else ''} killed"
-    return f"OOM-killed: memory limit {limit} exceeded ({peak}{killed}: {victim})"
+    if usage.oom_kills == 1:
+        killed = f"1 process killed: {victim}"
+    else:
+        killed = f"{usage.oom_kills} processes killed, {victim} among them"
+    return f"OOM-killed: memory limit {limit} exceeded ({peak}{killed})"
 
 
 def _cpu_line(usage: Usage) -> str:
@@ -187,7 +190,7 @@ def build(
             f"({run.killed_at_timeout} process{'es' if run.killed_at_timeout != 1 else ''})",
         )
     elif usage.oom_kills and test_killed and missing is not None:
-        death = ("oom", _oom_line(settings, usage, process_name))
+        death = ("oom", _oom_line(settings, usage, f"the test process ({process_name})"))
     elif run.protocol_error is not None and missing is not None:
         death = (
             "sandbox",

@@ -17,9 +17,12 @@ import pytest
 from pytest_nsbox import cgroups
 
 try:
-    cgroups.open_manager().close()
+    _manager = cgroups.open_manager()
+    CGROUP_VERSION = _manager.version
+    _manager.close()
     CGROUPS_PROBLEM = ""
 except cgroups.CgroupUnavailable as exc:
+    CGROUP_VERSION = 0
     CGROUPS_PROBLEM = str(exc)
 
 pytestmark = pytest.mark.skipif(
@@ -81,8 +84,10 @@ def test_oom_kill_is_reported_and_the_session_goes_on(pytester: pytest.Pytester)
     result.stdout.re_match_lines(
         [
             r"test_oom_kill_is_reported_and_the_session_goes_on.py M\.",
+            # v1 kills the test process; v2's memory.oom.group the whole sandbox.
             r"OOM-KILLED .*::test_hog - OOM-killed: memory limit 64.0 MiB exceeded "
-            r"\(peak \d+\.\d MiB, 1 process killed: \S+\)",
+            r"\(peak \d+\.\d MiB, (1 process killed: the test process \(\S+\)|"
+            r"\d+ processes killed, the test process \(\S+\) among them)\)",
         ]
     )
     text = xml.read_text()
@@ -105,11 +110,13 @@ def test_subprocess_oom_kill_is_reported(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-rA")
     result.assert_outcomes(failed=1)
+    if CGROUP_VERSION == 2:
+        # memory.oom.group=1: the kernel kills the whole sandbox, the test too.
+        expected = "*processes killed, the test process (*) among them)*"
+    else:
+        expected = "*a process the test started; the test itself survived); AssertionError: -9"
     result.stdout.fnmatch_lines(
-        [
-            "*OOM-KILLED*test_child_hog - OOM-killed: memory limit 64.0 MiB exceeded*"
-            "a process the test started; the test itself survived*",
-        ]
+        ["*OOM-KILLED*test_child_hog - OOM-killed: memory limit 64.0 MiB exceeded*" + expected]
     )
 
 
@@ -191,7 +198,7 @@ def test_timeout_kills_the_whole_sandbox(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         ["*TIMEOUT*test_hangs - Timeout: sandbox killed after 1.0 s (4 processes)"]
     )
-    assert elapsed < 10, elapsed
+    assert elapsed < 60, elapsed  # the session, not the kill: slow in the QEMU guest
 
 
 def test_usage_goes_to_junit_and_json(pytester: pytest.Pytester) -> None:
