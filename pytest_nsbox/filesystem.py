@@ -78,8 +78,33 @@ def _bind(fd: int, target: str, *, readonly: bool = False) -> None:
         raise kernel.SandboxSetupError(f"mkdir {target}", exc.errno or 0) from None
     kernel.mount(f"/proc/self/fd/{fd}", target, None, kernel.MS_BIND | kernel.MS_REC, None)
     if readonly:
-        flags = kernel.MS_REMOUNT | kernel.MS_BIND | kernel.MS_RDONLY
-        kernel.mount(None, target, None, flags, None)
+        kernel.mount(None, target, None, _remount_readonly_flags(target), None)
+
+
+# statvfs flag -> mount flag, for the flags a user namespace locks on inherited mounts.
+_KEPT_FLAGS = (
+    (os.ST_NOSUID, kernel.MS_NOSUID),
+    (os.ST_NODEV, kernel.MS_NODEV),
+    (os.ST_NOEXEC, kernel.MS_NOEXEC),
+    (os.ST_NOATIME, kernel.MS_NOATIME),
+    (os.ST_NODIRATIME, kernel.MS_NODIRATIME),
+    (os.ST_RELATIME, kernel.MS_RELATIME),
+)
+
+
+def _remount_readonly_flags(target: str) -> int:
+    """MS_RDONLY plus the flags the mount already has.
+
+    In a user namespace the nosuid/nodev/noexec/atime flags of a mount made
+    outside are locked: a remount that leaves one out is refused with EPERM
+    (a ``/tmp`` mounted nosuid,nodev, for one). bubblewrap does the same.
+    """
+    current = os.statvfs(target).f_flag
+    flags = kernel.MS_REMOUNT | kernel.MS_BIND | kernel.MS_RDONLY
+    for st_flag, ms_flag in _KEPT_FLAGS:
+        if current & st_flag:
+            flags |= ms_flag
+    return flags
 
 
 SCRATCH_MOUNTPOINTS = ("/dev/shm", "/tmp", "/mnt", "/media", "/srv", "/opt", "/var", "/home")

@@ -153,12 +153,19 @@ def run_as(
     cwd: str,
     env: dict[str, str] | None = None,
     timeout: float = 300,
+    as_root_first: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command as ``user``, with this interpreter and its packages reachable."""
+    """Run a command as ``user``, with this interpreter and its packages reachable.
+
+    ``as_root_first`` runs in the command's private mount namespace before
+    the ids are dropped: a place to mount things only that command sees.
+    """
     reachable = [*interpreter_paths(), cwd]
 
     def become_user() -> None:
         make_reachable(reachable)
+        if as_root_first is not None:
+            as_root_first()
         os.setgroups([])
         os.setgid(user.gid)
         os.setuid(user.uid)

@@ -125,3 +125,49 @@ def test_rootless_limits_follow_unavailable_option(
     code, output = run_pytest(user_project, plain_user, "--nsbox-unavailable=run")
     assert code == 0, output
     assert "ran without the sandbox" in output, output
+
+
+def test_locked_mount_flags_are_kept(plain_user: PlainUser, user_project: Path) -> None:
+    """A sys.path entry on a nosuid,nodev tmpfs under /tmp, rebound read-only rootless.
+
+    In a user namespace those flags are locked: the read-only remount must
+    carry them, or the kernel refuses it (seen on cgroup v2 CI guests).
+    """
+    import os
+    import tempfile
+
+    from pytest_nsbox import kernel
+
+    libdir = tempfile.mkdtemp(prefix="nsbox-locked-", dir="/tmp")
+
+    def mount_nosuid_tmpfs() -> None:
+        flags = kernel.MS_NOSUID | kernel.MS_NODEV
+        kernel.mount("nsbox-test", libdir, "tmpfs", flags, "size=1m,mode=0755")
+        with open(os.path.join(libdir, "locked_helper.py"), "w") as module:
+            module.write("VALUE = 7\n")
+
+    write(
+        user_project,
+        plain_user,
+        "test_locked.py",
+        """
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_lazy_import():
+            import locked_helper
+            assert locked_helper.VALUE == 7
+        """,
+    )
+    try:
+        result = run_as(
+            plain_user,
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA"],
+            cwd=str(user_project),
+            env={"PYTHONPATH": libdir},
+            as_root_first=mount_nosuid_tmpfs,
+        )
+    finally:
+        os.rmdir(libdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
