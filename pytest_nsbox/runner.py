@@ -9,6 +9,7 @@ resource usage, the cgroup's counters). Turning that into test reports is
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import signal
@@ -75,7 +76,12 @@ def run(
         # pytest-xdist worker). The child never touches another thread's
         # state: it runs the test and talks only through its own pipe.
         warnings.simplefilter("ignore", DeprecationWarning)
+        # Frozen objects are never traversed by the children's collections,
+        # so their pages stay shared instead of being copied (fork's CoW).
+        gc.freeze()
         pid = os.fork()
+    if pid != 0:
+        gc.unfreeze()
     if pid == 0:
         os.close(read_fd)
         sandbox.run_outer(spec, write_fd, cgroup, run_test(write_fd), parent_pid)

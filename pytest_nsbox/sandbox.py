@@ -24,6 +24,7 @@ the parent as a ``setup_error`` frame naming the step.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -94,6 +95,9 @@ def run_outer(
 ) -> NoReturn:
     """Process A, right after fork in the pytest process. Never returns."""
     try:
+        # The outer process and init allocate little and live milliseconds: a
+        # collection there would only touch (and so copy) the parent's pages.
+        gc.disable()
         _die_with_parent(parent_pid)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if cgroup is not None:
@@ -208,6 +212,7 @@ def _run_test_process(
         os.close(ready_w)
         os.close(go_r)
         os.chdir(spec.cwd)  # re-enter the cwd through the overlay, not the host dentry
+        gc.enable()  # the test gets automatic collection back (outer and init went without)
         run_test.prepare()
         if not spec.privileged:
             kernel.drop_capabilities()
