@@ -1,0 +1,59 @@
+"""What the figures were measured on: they mean little without it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cgroup_layout() -> str:
+    """v1, v2 or hybrid (v1 controllers plus a cgroup2 mount), from this process's mounts."""
+    kinds = set()
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            for line in mounts:
+                fields = line.split()
+                kinds.add(fields[fields.index("-") + 1])
+    except (OSError, ValueError):
+        return "unknown"
+    v1, v2 = "cgroup" in kinds, "cgroup2" in kinds
+    return (
+        "hybrid (v1 controllers + cgroup2)" if v1 and v2 else "v1" if v1 else "v2" if v2 else "none"
+    )
+
+
+def describe() -> dict[str, str]:
+    """The machine and the software versions, as labelled in the report."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python_executable": sys.executable,
+        "pytest": _version("pytest"),
+        "pytest-nsbox": _version("pytest-nsbox"),
+        "pytest-xdist": _version("pytest-xdist"),
+        "cgroups": _cgroup_layout(),
+        "euid": str(os.geteuid()),
+        "loadavg_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }

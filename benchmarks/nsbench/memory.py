@@ -1,0 +1,97 @@
+"""Section 6: what one sandboxed test in flight costs in memory.
+
+A session runs a single test that sleeps. While it sleeps the harness finds
+the pytest process's descendants (the sandbox's outer, init and test
+processes; one forked child for the fork-only baseline) through
+``/proc/<pid>/task/*/children`` and reads ``/proc/<pid>/smaps_rollup`` of
+each: Rss counts shared copy-on-write pages in every process, Pss splits
+them, and Private (Private_Clean + Private_Dirty) is what exists only
+because that process exists, the honest "extra memory" of a sandbox.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Footprint:
+    rss: int
+    pss: int
+    private: int
+
+    def __add__(self, other: Footprint) -> Footprint:
+        return Footprint(self.rss + other.rss, self.pss + other.pss, self.private + other.private)
+
+
+def smaps_rollup(pid: int) -> Footprint:
+    values: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            key, _, rest = line.partition(":")
+            fields = rest.split()
+            if len(fields) == 2 and fields[1] == "kB":
+                values[key] = int(fields[0]) * 1024
+    return Footprint(
+        values.get("Rss", 0),
+        values.get("Pss", 0),
+        values.get("Private_Clean", 0) + values.get("Private_Dirty", 0),
+    )
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                found.extend(int(child) for child in listing.read().split())
+    except OSError:
+        pass
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    pending, found = children(pid), []
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(children(child))
+    return found
+
+
+def sample_in_flight(
+    argv: Sequence[str],
+    cwd: str,
+    env: dict[str, str],
+    expected_processes: int,
+    settle: float,
+    deadline: float = 60.0,
+) -> dict[str, object]:
+    """Start the session, wait for its sandbox, sample it and the parent, let the session end."""
+    process = subprocess.Popen(
+        list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        give_up = time.monotonic() + deadline
+        while len(descendants(process.pid)) < expected_processes:
+            if process.poll() is not None or time.monotonic() > give_up:
+                raise RuntimeError("the sleeping test's sandbox never appeared")
+            time.sleep(0.01)
+        time.sleep(settle)  # the test process has imported and set up its fixtures
+        pids = descendants(process.pid)
+        parent = smaps_rollup(process.pid)
+        sandbox = Footprint(0, 0, 0)
+        for pid in pids:
+            sandbox = sandbox + smaps_rollup(pid)
+        output, _ = process.communicate(timeout=deadline)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(f"session failed ({process.returncode}): {output.decode()[-2000:]}")
+    return {"processes": len(pids), "parent": asdict(parent), "sandbox": asdict(sandbox)}

@@ -1,0 +1,283 @@
+"""The printed report: every figure of the run's JSON, as text tables with their method."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+from nsbench.rows import ROWS
+
+MB = 1 << 20
+
+
+def _band(figures: dict[str, Any] | None, fmt: str = ".2f") -> str:
+    """``median [p10-p90]`` of a Summary dict; ``-`` when absent."""
+    if not figures:
+        return "-"
+    if figures["n"] == 1:
+        return f"{figures['median']:{fmt}}"
+    return f"{figures['median']:{fmt}} [{figures['p10']:{fmt}}-{figures['p90']:{fmt}}]"
+
+
+def _ratio(value: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
+    if not value or not base or base["median"] <= 0:
+        return "-"
+    return f"{value['median'] / base['median']:.2f}x"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append(
+            indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        )
+    return lines
+
+
+def _wrap(text: str, indent: str) -> list[str]:
+    return textwrap.wrap(text, 100, initial_indent=indent, subsequent_indent=indent + "  ")
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    m = report["machine"]
+    mode = report["mode"]
+    lines = [
+        "pytest-nsbox benchmark",
+        f"machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, {m['python']}, "
+        f"pytest {m['pytest']}, pytest-nsbox {m['pytest-nsbox']}, pytest-xdist {m['pytest-xdist']}",
+        f"         cgroups {m['cgroups']}, euid {m['euid']}, "
+        f"load average at start {m['loadavg_at_start']}",
+    ]
+    if "pytest_forked" in report:
+        lines.append(f"reference venv: {report['pytest_forked']}")
+    if report.get("nsbox_problem"):
+        lines.append(f"nsbox cannot sandbox here: {report['nsbox_problem']}")
+    lines.append(
+        f"mode: N={mode['n']} tests x {mode['reps']} rounds, sustained {mode['sustained']} "
+        f"(window {mode['window']}), trees {', '.join(map(str, mode['tree_sizes']))} files"
+    )
+    lines.append("figures: median [p10-p90] unless noted")
+    return lines
+
+
+def _overhead(report: dict[str, Any]) -> list[str]:
+    table = report.get("overhead")
+    if not table:
+        return []
+    floors = report.get("floor", {}).get("levels_ms", {})
+    forked = table.get("forked", {}).get("overhead_ms")
+    fork = table.get("fork", {}).get("overhead_ms")
+    lines = [
+        "",
+        f"1. Per-test overhead, N={report['n']} trivial tests, whole sessions in subprocesses, "
+        f"{report['mode']['reps']} interleaved rounds",
+        "   overhead = (session wall - inline wall of the same round) / N; interval = time "
+        "between consecutive tests' logfinish, pooled",
+    ]
+    rows = []
+    for row in ROWS:
+        figures = table.get(row.key)
+        if figures is None:
+            continue
+        if figures.get("problem"):
+            rows.append([row.label, figures["problem"][:70], "", "", "", "", ""])
+            continue
+        overhead = figures.get("overhead_ms")
+        rows.append(
+            [
+                row.label,
+                _band(figures["wall_s"]),
+                _band(overhead),
+                _band(figures["interval_ms"]),
+                _ratio(overhead, fork) if row.key != "fork" else "",
+                _ratio(overhead, forked) if row.key != "forked" else "",
+                _ratio(overhead, floors.get(row.floor or "")),
+            ]
+        )
+    header = ["row", "wall s", "overhead ms/test", "interval ms", "x fork", "x forked", "x floor"]
+    lines += _table(header, rows)
+    lines.append(
+        "  x fork / x forked / x floor: median overhead over the fork-only row's, "
+        "pytest-forked's, and the raw floor of the same system calls (section 2)"
+    )
+    lines.append("  How each row was measured:")
+    for row in ROWS:
+        if row.key in table:
+            lines += _wrap(f"{row.label}: {row.how}", "    ")
+    for figures in table.values():
+        if figures.get("problem") and len(figures["problem"]) > 70:
+            lines += _wrap(f"{figures['label']}: {figures['problem']}", "    ")
+    return lines
+
+
+def _floor(report: dict[str, Any]) -> list[str]:
+    floor = report.get("floor")
+    if not floor:
+        return []
+    lines = [
+        "",
+        f"2. Raw floor: the same system calls from a minimal Python process "
+        f"(benchmarks/nsbench/rawfloor.py under python -I -S, RSS {floor['rss'] / MB:.0f} MB), "
+        "levels interleaved, ms per sandbox built and reaped",
+    ]
+    if floor.get("problem"):
+        lines += _wrap(floor["problem"], "  ")
+    table = report.get("overhead", {})
+    matching = {
+        "fork": ["fork", "forked"],
+        "ns": ["ns"],
+        "overlay": ["overlay"],
+        "lo": ["lo"],
+        "full": ["cgroup", "full"],
+    }
+    rows = []
+    for level, figures in floor["levels_ms"].items():
+        for key in matching.get(level, []):
+            overhead = table.get(key, {}).get("overhead_ms")
+            label = table.get(key, {}).get("label", key)
+            rows.append([level, _band(figures), label, _band(overhead), _ratio(overhead, figures)])
+    lines += _table(["level", "floor ms", "row", "row overhead ms", "row / floor"], rows)
+    ballast = floor.get("ballast_levels_ms")
+    if ballast:
+        parts = ", ".join(f"{level} {_band(v)} ms" for level, v in ballast.items())
+        lines.append(
+            f"  with the floor process padded to pytest's RSS ({floor['ballast_rss'] / MB:.0f} "
+            f"MB; inline pytest's after its first test: {floor['pytest_rss'] / MB:.0f} MB): {parts}"
+        )
+    lines += _wrap(
+        "levels: fork = fork+pipe+exit; ns = the 3 processes (outer unshares mnt/pid/net/uts/ipc/"
+        "cgroup, init mounts private + /proc, test unshares user+mnt, id maps via 2 pipes); "
+        "overlay = + scratch tmpfs, overlay, scratch detached, /tmp, /dev/shm, bind; "
+        "lo = + RTM_NEWLINK; full = + cgroup mkdir/limits/attach/rmdir in every hierarchy, "
+        "sethostname",
+        "  ",
+    )
+    return lines
+
+
+def _overlay(report: dict[str, Any]) -> list[str]:
+    scale = report.get("overlay")
+    if not scale:
+        return []
+    lines = [
+        "",
+        "3. Scale with the repository: filesystem.set_up (the sandbox's whole mount sequence, "
+        "overlay included) in a fresh mount namespace, against shutil.copytree of the same tree",
+    ]
+    if "problem" in scale:
+        return lines + _wrap(scale["problem"], "  ")
+    rows = []
+    smallest = scale[str(min(int(s) for s in scale))]["set_up_ms"]
+    for size in sorted(scale, key=int):
+        figures = scale[size]
+        rows.append(
+            [
+                f"{int(size):,}",
+                _band(figures["set_up_ms"], ".3f"),
+                _ratio(figures["set_up_ms"], smallest),
+                _band(figures["copytree_ms"], ".1f"),
+                _ratio(figures["copytree_ms"], figures["set_up_ms"]),
+            ]
+        )
+    lines += _table(["files", "set-up ms", "vs smallest", "copytree ms", "copytree / set-up"], rows)
+    return lines
+
+
+def _sustained(report: dict[str, Any]) -> list[str]:
+    s = report.get("sustained")
+    if not s:
+        return []
+    if "problem" in s:
+        return ["", "4. Sustained throughput:", *_wrap(s["problem"], "  ")]
+    samples = s["samples"]
+    first, end = samples.get("after_first_test", {}), samples.get("session_end", {})
+    return [
+        "",
+        f"4. Sustained: {s['tests']} trivial tests in one full-sandbox session "
+        f"(wall {s['wall_s']:.1f} s), logfinish timestamps and /proc/self of the parent",
+        f"  first {s['window']}: {s['first_per_s']:.1f} tests/s; last {s['window']}: "
+        f"{s['last_per_s']:.1f} tests/s; last/first {s['ratio']:.3f}",
+        f"  parent RSS {first.get('rss', 0) / MB:.1f} MB after the first test -> "
+        f"{end.get('rss', 0) / MB:.1f} MB at the end; open fds {first.get('fds')} -> "
+        f"{end.get('fds')}",
+        *_wrap(
+            f"tests/s per window of {s['window']}: "
+            + " ".join(f"{rate:.1f}" for rate in s.get("per_window_per_s", [])),
+            "  ",
+        ),
+        *_wrap(
+            "parent RSS MB every window: "
+            + " ".join(
+                f"{samples[key]['rss'] / MB:.0f}" for key in samples if key.startswith("after_")
+            ),
+            "  ",
+        ),
+    ]
+
+
+def _xdist(report: dict[str, Any]) -> list[str]:
+    x = report.get("xdist")
+    if not x:
+        return []
+    if "problem" in x:
+        return ["", f"5. -n 2 vs -n 0: {x['problem']}"]
+    return [
+        "",
+        f"5. -n 2 vs -n 0, full sandbox, N={report['n']}: wall -n 0 {_band(x['n0_wall_s'])} s, "
+        f"-n 2 {_band(x['n2_wall_s'])} s; -n 2 / -n 0 = {_band(x['ratio'], '.3f')} "
+        f"(paired per round; {report['machine']['cores']} cores)",
+    ]
+
+
+def _memory(report: dict[str, Any]) -> list[str]:
+    m = report.get("memory")
+    if not m:
+        return []
+    if "problem" in m:
+        return ["", "6. Memory of one test in flight:", *_wrap(m["problem"], "  ")]
+    lines = [
+        "",
+        f"6. Memory of one test in flight (it sleeps {report['mode']['sleep']} s), "
+        "/proc/<pid>/smaps_rollup; Private = Private_Clean + Private_Dirty",
+    ]
+    rows = []
+    for key, label in (("full", "full sandbox"), ("fork", "fork-only baseline")):
+        figures = m.get(key, {})
+        if "problem" in figures:
+            rows.append([label, figures["problem"][:60], "", "", ""])
+            continue
+        for who, name, count in (
+            ("parent", "pytest parent", "1"),
+            ("sandbox", "its children", str(figures["processes"])),
+        ):
+            f = figures[who]
+            rows.append(
+                [
+                    f"{label}: {name}",
+                    count,
+                    f"{f['rss'] / MB:.1f}",
+                    f"{f['pss'] / MB:.1f}",
+                    f"{f['private'] / MB:.1f}",
+                ]
+            )
+    lines += _table(["process", "n", "Rss MB", "Pss MB", "Private MB"], rows)
+    return lines
+
+
+def _targets(report: dict[str, Any]) -> list[str]:
+    lines = ["", "Targets"]
+    for t in report["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"  {t['status']:4}  {t['target']}: {value}")
+    return lines
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = _header(report)
+    for part in (_overhead, _floor, _overlay, _sustained, _xdist, _memory, _targets):
+        lines += part(report)
+    if "elapsed_s" in report:
+        lines += ["", f"elapsed: {report['elapsed_s']:.0f} s"]
+    return "\n".join(lines)

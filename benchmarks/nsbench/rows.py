@@ -1,0 +1,113 @@
+"""The session configurations of sections 1 and 5, and how each was measured (printed as is)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nsbench.sessions import FULL_SANDBOX
+
+STEPS_PLUGIN = ("-p", "nsbench.steps_plugin")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One way to run the same N trivial tests as a whole pytest session."""
+
+    key: str
+    label: str
+    how: str
+    venv: str  # "main" (this interpreter) or "forked" (the pytest-forked reference venv)
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    baseline: str = "inline"  # the inline row of the same venv, subtracted for the overhead
+    floor: str | None = None  # the raw-floor level with the same system calls
+    section: int = 1
+
+
+def _step(key: str, label: str, how: str, floor: str) -> Row:
+    return Row(key, label, how, "main", STEPS_PLUGIN, {"NSBENCH_STEP": key}, floor=floor)
+
+
+ROWS = (
+    Row(
+        "inline",
+        "plain pytest, inline",
+        "pytest -q -p no:cacheprovider; the nsbox plugin is loaded (entry point) but inactive",
+        "main",
+    ),
+    Row(
+        "fork",
+        "fork-only baseline",
+        "-p nsbench.steps_plugin, NSBENCH_STEP=fork: a fork per test, the child runs "
+        "_pytest.runner.runtestprotocol(log=False) and writes the reports "
+        "(pytest_report_to_serializable) as JSON to a pipe: pytest-forked's mechanism",
+        "main",
+        STEPS_PLUGIN,
+        {"NSBENCH_STEP": "fork"},
+        floor="fork",
+    ),
+    _step(
+        "ns",
+        "nsbox (a) namespaces",
+        "-p nsbench.steps_plugin, NSBENCH_STEP=ns: pytest_nsbox.runner.run + sandbox.* + "
+        "childrun.SandboxedItem with the SandboxSpec of --nsbox (mnt/pid/net/uts/ipc/cgroup, "
+        "the test process's user+mnt), loopback_request=None, filesystem.set_up replaced "
+        "by a stub (make mounts private, mount the new /proc)",
+        "ns",
+    ),
+    _step(
+        "overlay",
+        "nsbox (b) + overlay",
+        "as (a) with the real filesystem.set_up: scratch tmpfs, overlay on the rootdir, "
+        "private /tmp and /dev/shm, basetemp bound through, /proc",
+        "overlay",
+    ),
+    _step(
+        "lo",
+        "nsbox (c) + loopback",
+        "as (b) plus lo brought up (the spec's prebuilt RTM_NEWLINK request)",
+        "lo",
+    ),
+    _step(
+        "cgroup",
+        "nsbox (c) + cgroup, engine",
+        "as (c) plus pytest_nsbox.cgroups: open_manager() once, create(Limits(256m, 1 cpu, "
+        "64 pids)) per test, attached in the child, kill()+remove() after; none of the "
+        "plugin's per-test bookkeeping (settings, hostname, usage, outcomes, records)",
+        "full",
+    ),
+    Row(
+        "full",
+        "nsbox (d) full sandbox",
+        "the plugin itself: " + " ".join(FULL_SANDBOX),
+        "main",
+        FULL_SANDBOX,
+        floor="full",
+    ),
+    Row(
+        "xdist",
+        "nsbox (d) full, -n 2",
+        "the plugin with -n 2 (pytest-xdist): " + " ".join(FULL_SANDBOX) + " -n 2",
+        "main",
+        (*FULL_SANDBOX, "-n", "2"),
+        floor="full",
+        section=5,
+    ),
+    Row(
+        "forked_inline",
+        "pytest 8.4 inline (ref venv)",
+        "the pytest-forked venv's pytest 8.4, inline: the baseline of the next row",
+        "forked",
+        baseline="forked_inline",
+    ),
+    Row(
+        "forked",
+        "pytest-forked 1.7.5 --forked",
+        "pytest-forked 1.7.5 on pytest 8.4 (venv in benchmarks/.cache): --forked; overhead "
+        "against that venv's own inline session",
+        "forked",
+        ("--forked",),
+        baseline="forked_inline",
+        floor="fork",
+    ),
+)

@@ -1,0 +1,145 @@
+"""Whole pytest sessions in subprocesses: the projects they run, how, and what came back."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent.parent
+FULL_SANDBOX = ("--nsbox", "--nsbox-memory=256m", "--nsbox-cpu=1", "--nsbox-pids=64")
+FORKED_REQUIREMENTS = ("pytest==8.4.*", "pytest-forked==1.7.5")
+_PASSED = re.compile(r"(\d+) passed")
+# Settings that would change what the measured sessions do, inherited from whoever runs us.
+_DROPPED_ENV_PREFIXES = (
+    "PYTEST_ADDOPTS",
+    "PYTEST_NSBOX",
+    "PYTEST_PLUGINS",
+    "COV_CORE_",
+    "NSBENCH_",
+)
+
+
+class SessionFailed(RuntimeError):
+    """A measured session did not pass all its tests; the message ends with its output."""
+
+
+def make_project(root: Path, tests: int, per_file: int = 50, body: str = "pass") -> Path:
+    """``tests`` trivial tests in files of ``per_file``, and a pytest.ini that anchors the rootdir.
+
+    Without the ini file pytest would walk up and pick this repository's
+    pyproject.toml (its addopts and rootdir) for the generated project.
+    """
+    root.mkdir(parents=True)
+    (root / "pytest.ini").write_text("[pytest]\n")
+    for first in range(0, tests, per_file):
+        functions = [
+            f"def test_{i}():\n    {body}\n" for i in range(first, min(first + per_file, tests))
+        ]
+        (root / f"test_gen_{first // per_file:04d}.py").write_text("\n\n".join(functions))
+    return root
+
+
+def session_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without pytest/nsbox/coverage settings; our plugins importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_ENV_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # the sessions share the tests' bytecode cache
+    env.update(extra)
+    return env
+
+
+def pytest_argv(python: str, project: Path, extra: Sequence[str] = ()) -> list[str]:
+    """The same command line for every row, but for ``extra``."""
+    return [
+        python,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "nsbench.probe_plugin",
+        *extra,
+        str(project.absolute()),
+    ]
+
+
+@dataclass
+class SessionResult:
+    wall: float
+    stamps: list[float] = field(default_factory=list)
+    samples: dict[str, dict[str, int]] = field(default_factory=dict)
+    pid: int = 0
+
+
+def run_session(
+    argv: Sequence[str], env: dict[str, str], expected: int, probe_out: Path, timeout: float
+) -> SessionResult:
+    """Run one session, timed from spawn to exit; it must pass exactly ``expected`` tests."""
+    probe_out = probe_out.absolute()  # the session runs in the project's directory
+    env = dict(env, NSBENCH_PROBE_OUT=str(probe_out))
+    started = time.perf_counter()
+    done = subprocess.run(
+        list(argv),
+        cwd=str(argv[-1]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    wall = time.perf_counter() - started
+    tail = done.stdout.strip().splitlines()[-1:] or [""]
+    passed = _PASSED.search(tail[0])
+    if done.returncode != 0 or passed is None or int(passed.group(1)) != expected:
+        raise SessionFailed(
+            f"exit {done.returncode}, expected {expected} passed; output:\n{done.stdout[-3000:]}"
+        )
+    probe: dict[str, Any] = json.loads(probe_out.read_text())
+    probe_out.unlink()
+    return SessionResult(wall, probe["stamps"], probe["samples"], probe["pid"])
+
+
+def ensure_forked_venv(cache: Path) -> tuple[str | None, str]:
+    """The pytest-forked reference venv, made on first use: (its python, versions) or (None, why).
+
+    pytest-forked 1.7.5 does not run on pytest 9, so it gets pytest 8.4 in a
+    venv of its own under benchmarks/.cache (gitignored), reused by later runs.
+    """
+    venv = cache / "pytest-forked-venv"
+    python = venv / "bin" / "python"
+    marker = venv / ".nsbench-ready"
+    if not marker.exists():
+        steps = [
+            [sys.executable, "-m", "venv", "--clear", str(venv)],
+            [str(python), "-m", "pip", "install", "-q", *FORKED_REQUIREMENTS],
+        ]
+        for step in steps:
+            try:
+                done = subprocess.run(step, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return None, f"{' '.join(step[:4])}: {exc}"
+            if done.returncode != 0:
+                lines = (done.stderr or done.stdout).strip().splitlines()
+                return None, f"{' '.join(step[:4])} failed: {lines[-1] if lines else '?'}"
+        marker.write_text("ok\n")
+    versions = subprocess.run(
+        [str(python), "-c", _VERSIONS], capture_output=True, text=True, timeout=60
+    )
+    if versions.returncode != 0:
+        return None, f"the venv at {venv} is broken: {versions.stderr.strip()[-200:]}"
+    return str(python), versions.stdout.strip()
+
+
+_VERSIONS = (
+    "from importlib.metadata import version as v; "
+    "print(f\"pytest {v('pytest')}, pytest-forked {v('pytest-forked')}\")"
+)

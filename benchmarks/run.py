@@ -1,0 +1,550 @@
+#!/usr/bin/env python3
+"""Benchmark of pytest-nsbox: what a sandbox costs per test, against pytest-forked and the kernel.
+
+Usage (as root on Linux, from the project's venv)::
+
+    .venv/bin/python benchmarks/run.py            # the full run, a few minutes
+    .venv/bin/python benchmarks/run.py --quick    # a smoke run
+    .venv/bin/python benchmarks/run.py --json out.json
+
+Sections, all measured in one run and compared only within it:
+
+1. per-test overhead of N trivial tests, as whole pytest sessions, for plain
+   pytest, a fork-only baseline, the nsbox engine layer by layer, the full
+   plugin, and pytest-forked 1.7.5 in a venv of its own (pytest 8.4);
+2. the raw floor: the same system calls from a minimal Python process;
+3. overlay set-up time against the size of the rootdir, and copytree's;
+4. sustained throughput and the parent's RSS/fds over a long session;
+5. ``-n 2`` against ``-n 0`` for the full sandbox;
+6. the memory of one sandboxed test in flight.
+
+Sessions of section 1 (with the raw floor and section 5) run in rounds, in a
+new random order each round; a row's overhead per test in a round is
+``(wall - wall of the inline row of the same round) / N``. Figures are the
+median over rounds with the p10-p90 band. Progress goes to stderr, the
+report to stdout, and ``--json`` saves every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nsbench import machine, memory, overlay, sessions
+from nsbench.report import render
+from nsbench.rows import ROWS, Row
+from nsbench.stats import intervals, quantile, summarize
+
+CACHE = sessions.BENCH_DIR / ".cache"
+RAWFLOOR = sessions.BENCH_DIR / "nsbench" / "rawfloor.py"
+ALL_SECTIONS = (1, 2, 3, 4, 5, 6)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How big each section is."""
+
+    n: int
+    reps: int
+    sustained: int
+    window: int
+    tree_sizes: tuple[int, ...]
+    set_up_reps: int
+    copy_reps: int
+    floor_iterations: int  # per round
+    sleep: float
+
+
+DEFAULT = Mode(500, 3, 5000, 500, (10, 1_000, 50_000), 15, 3, 60, 3.0)
+QUICK = Mode(60, 2, 300, 100, (10, 1_000, 5_000), 5, 1, 10, 1.5)
+
+_started = time.monotonic()
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds only the report."""
+    print(f"[{time.monotonic() - _started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- what this machine offers ------------------------------------------------
+
+
+def nsbox_status() -> tuple[str | None, Any]:
+    """Why nsbox cannot sandbox here (or None); an open cgroup manager, or why there is none."""
+    from pytest_nsbox import cgroups, probe
+
+    caps = probe.probe()
+    problem = None if caps.usable else f"{caps.problem} (fix: {caps.fix})"
+    try:
+        manager: Any = cgroups.open_manager()
+    except cgroups.CgroupUnavailable as exc:
+        manager = str(exc).splitlines()[0]
+    return problem, manager
+
+
+# -- section 1 and 5: sessions in rounds, with the raw floor among them ------
+
+
+@dataclass
+class RowRuns:
+    row: Row
+    results: dict[int, sessions.SessionResult]
+    problem: str | None = None
+
+
+def run_rounds(
+    rows: Sequence[Row],
+    project: Path,
+    n: int,
+    pythons: dict[str, str],
+    mode: Mode,
+    scratch: Path,
+    floor_job: Callable[[int], None] | None,
+    seed: int,
+) -> dict[str, RowRuns]:
+    """Every row once per round, rows (and the floor job) in a new random order each round."""
+    runs = {row.key: RowRuns(row, {}) for row in rows}
+    for venv in sorted({row.venv for row in rows}):
+        log(f"warm-up: inline session on the {venv} venv (bytecode caches)")
+        _one_session(Row("warmup", "", "", venv), project, n, pythons, scratch)
+    rng = random.Random(seed)
+    for round_number in range(mode.reps):
+        jobs: list[Any] = [row for row in rows]
+        if floor_job is not None:
+            jobs.append("floor")
+        rng.shuffle(jobs)
+        for job in jobs:
+            if job == "floor":
+                assert floor_job is not None
+                log(f"round {round_number + 1}/{mode.reps}: raw floor")
+                floor_job(round_number)
+                continue
+            entry = runs[job.key]
+            if entry.problem is not None:
+                continue
+            log(f"round {round_number + 1}/{mode.reps}: {job.label}")
+            try:
+                entry.results[round_number] = _one_session(job, project, n, pythons, scratch)
+            except (sessions.SessionFailed, subprocess.TimeoutExpired) as exc:
+                entry.problem = f"session failed: {str(exc)[-1500:]}"
+                log(f"  {job.key} failed: {str(exc)[-400:]}")
+    return runs
+
+
+def _one_session(
+    row: Row, project: Path, n: int, pythons: dict[str, str], scratch: Path
+) -> sessions.SessionResult:
+    argv = sessions.pytest_argv(pythons[row.venv], project, row.args)
+    env = sessions.session_env(**row.env)
+    timeout = 120 + 2.0 * n
+    return sessions.run_session(argv, env, n, scratch / "probe.json", timeout)
+
+
+def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]]:
+    """Per row: wall time, overhead per test (paired by round), per-test interval."""
+    table: dict[str, dict[str, Any]] = {}
+    for key, entry in runs.items():
+        row = entry.row
+        figures: dict[str, Any] = {"label": row.label, "how": row.how, "problem": entry.problem}
+        table[key] = figures
+        if entry.problem is not None or not entry.results:
+            figures["problem"] = entry.problem or "not run"
+            continue
+        walls = [r.wall for r in entry.results.values()]
+        figures["wall_s"] = summarize(walls).as_dict()
+        pooled = [i for r in entry.results.values() for i in intervals(r.stamps)]
+        figures["interval_ms"] = summarize(pooled).scaled(1000).as_dict()
+        base = runs.get(row.baseline)
+        if base is not None and key != row.baseline:
+            paired = [
+                (entry.results[k].wall - base.results[k].wall) / n * 1000
+                for k in entry.results
+                if k in base.results
+            ]
+            if paired:
+                figures["overhead_ms"] = summarize(paired).as_dict()
+    return table
+
+
+# -- section 2: the raw floor --------------------------------------------------
+
+
+class Floor:
+    """Runs rawfloor.py a slice at a time (one call per round) and pools the iterations."""
+
+    def __init__(
+        self, project: Path, iterations: int, cgroup_sessions: Sequence[str], bind: str
+    ) -> None:
+        self.project = project
+        self.iterations = iterations
+        self.cgroup_sessions = list(cgroup_sessions)
+        self.bind = bind
+        self.levels = ["fork", "ns", "overlay", "lo"] + (["full"] if cgroup_sessions else [])
+        self.seconds: dict[str, list[float]] = {}
+        self.ballast_seconds: dict[str, list[float]] = {}
+        self.rss = 0
+        self.ballast_rss = 0
+        self.ballast_mb = 0
+        self.problem: str | None = None
+
+    def run(self, ballast_mb: int = 0) -> None:
+        if self.problem is not None:
+            return
+        levels = self.levels if not ballast_mb else ["fork", self.levels[-1]]
+        argv = [sys.executable, "-I", "-S", str(RAWFLOOR), "--rootdir", str(self.project)]
+        argv += ["--iterations", str(self.iterations), "--levels", ",".join(levels)]
+        argv += ["--bind", self.bind, "--ballast-mb", str(ballast_mb)]
+        for session in self.cgroup_sessions:
+            argv += ["--cgroup-session", session]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            self.problem = f"rawfloor.py failed: {done.stderr.strip()[-800:]}"
+            return
+        data = json.loads(done.stdout)
+        target = self.ballast_seconds if ballast_mb else self.seconds
+        for level, values in data["seconds"].items():
+            target.setdefault(level, []).extend(values)
+        if ballast_mb:
+            self.ballast_rss, self.ballast_mb = data["rss"], ballast_mb
+        else:
+            self.rss = data["rss"]
+
+    def figures(self) -> dict[str, Any]:
+        def ms(values: dict[str, list[float]]) -> dict[str, Any]:
+            return {k: summarize(v).scaled(1000).as_dict() for k, v in values.items() if v}
+
+        return {
+            "problem": self.problem,
+            "levels_ms": ms(self.seconds),
+            "rss": self.rss,
+            "ballast_levels_ms": ms(self.ballast_seconds),
+            "ballast_rss": self.ballast_rss,
+            "cgroup_sessions": self.cgroup_sessions,
+        }
+
+
+def pytest_rss(runs: dict[str, RowRuns]) -> int:
+    """The inline pytest parent's RSS after its first test: every fork copies its page tables."""
+    entry = runs.get("inline")
+    values = [
+        r.samples["after_first_test"]["rss"]
+        for r in (entry.results.values() if entry else [])
+        if "after_first_test" in r.samples
+    ]
+    return int(quantile(values, 0.5)) if values else 0
+
+
+# -- sections 3, 4 and 6 ---------------------------------------------------------
+
+
+def measure_overlay(top: Path, mode: Mode) -> dict[str, Any]:
+    results = overlay.measure(str(top), mode.tree_sizes, mode.set_up_reps, mode.copy_reps)
+    return {
+        str(size): {
+            "set_up_ms": summarize(values["set_up"]).scaled(1000).as_dict(),
+            "copytree_ms": summarize(values["copytree"]).scaled(1000).as_dict(),
+        }
+        for size, values in results.items()
+    }
+
+
+def measure_sustained(project: Path, total: int, window: int, scratch: Path) -> dict[str, Any]:
+    """One long full-sandbox session: tests/s over the first and last ``window``, RSS and fds."""
+    argv = sessions.pytest_argv(sys.executable, project, sessions.FULL_SANDBOX)
+    env = sessions.session_env(NSBENCH_SAMPLE_EVERY=str(window))
+    result = sessions.run_session(argv, env, total, scratch / "probe.json", 300 + 2.0 * total)
+    stamps = result.stamps
+    first = window / (stamps[window] - stamps[0])
+    last = window / (stamps[-1] - stamps[-1 - window])
+    # Every window in between too: a trend tells a cost that grows from a load spike.
+    trend = [
+        window / (stamps[end] - stamps[end - window]) for end in range(window, len(stamps), window)
+    ]
+    return {
+        "tests": total,
+        "window": window,
+        "wall_s": result.wall,
+        "first_per_s": first,
+        "last_per_s": last,
+        "ratio": last / first,
+        "per_window_per_s": trend,
+        "samples": result.samples,
+    }
+
+
+def measure_memory(project: Path, sleep: float) -> dict[str, Any]:
+    """The sleeping test in the full sandbox (3 processes) and in the fork-only baseline (1)."""
+    figures: dict[str, Any] = {}
+    cases = (
+        ("full", sessions.FULL_SANDBOX, {}, 3),
+        ("fork", ("-p", "nsbench.steps_plugin"), {"NSBENCH_STEP": "fork"}, 1),
+    )
+    for key, args, env, processes in cases:
+        argv = sessions.pytest_argv(sys.executable, project, args)
+        try:
+            figures[key] = memory.sample_in_flight(
+                argv, str(project), sessions.session_env(**env), processes, settle=sleep / 3
+            )
+        except RuntimeError as exc:
+            figures[key] = {"problem": str(exc)[-800:]}
+    return figures
+
+
+# -- targets --------------------------------------------------------------------
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The PASS/FAIL lines, each from figures measured in this run."""
+    rows = report.get("overhead", {})
+    out = []
+
+    def median(figures: dict[str, Any] | None, key: str) -> float | None:
+        value = (figures or {}).get(key)
+        return None if value is None else float(value["median"])
+
+    def check(name: str, value: float | None, limit: float, higher_is_better: bool = False) -> None:
+        if value is None:
+            out.append({"target": name, "status": "SKIP", "value": None, "limit": limit})
+            return
+        ok = value >= limit if higher_is_better else value <= limit
+        out.append(
+            {"target": name, "status": "PASS" if ok else "FAIL", "value": value, "limit": limit}
+        )
+
+    full = median(rows.get("full"), "overhead_ms")
+    forked = median(rows.get("forked"), "overhead_ms")
+    floor = median(report.get("floor", {}).get("levels_ms", {}), "full")
+    check(
+        "full sandbox overhead / pytest-forked overhead <= 1.0",
+        full / forked if full is not None and forked else None,
+        1.0,
+    )
+    check(
+        "full sandbox overhead / raw floor (full) <= 2.0",
+        full / floor if full is not None and floor else None,
+        2.0,
+    )
+    scale = report.get("overlay", {})
+    sizes = sorted(int(s) for s in scale if s.isdigit())
+    if len(sizes) >= 2:
+        small, big = scale[str(sizes[0])]["set_up_ms"], scale[str(sizes[-1])]["set_up_ms"]
+        name = f"overlay set-up {sizes[-1]} files / {sizes[0]} files <= 1.2"
+        check(name, big["median"] / small["median"], 1.2)
+    else:
+        check("overlay set-up largest / smallest tree <= 1.2", None, 1.2)
+    sustained = report.get("sustained", {})
+    check(
+        "sustained last-window / first-window throughput >= 0.9", sustained.get("ratio"), 0.9, True
+    )
+    return out
+
+
+# -- the run ------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Mode]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes")
+    parser.add_argument("--json", metavar="FILE", help="save every figure to FILE")
+    parser.add_argument("--sections", default=",".join(map(str, ALL_SECTIONS)))
+    parser.add_argument("--no-pytest-forked", action="store_true", help="skip the reference venv")
+    parser.add_argument(
+        "--rows", help="only these rows of section 1 (keys: " + ", ".join(r.key for r in ROWS) + ")"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="of the order of rows in rounds")
+    parser.add_argument("--keep", action="store_true", help="keep the generated projects")
+    for name in ("n", "reps", "sustained", "window", "set-up-reps", "copy-reps"):
+        parser.add_argument(f"--{name}", type=int, help="override the mode's size")
+    parser.add_argument("--floor-iterations", type=int, help="raw-floor iterations per round")
+    parser.add_argument("--tree-sizes", help="comma-separated file counts, e.g. 10,1000,50000")
+    parser.add_argument("--sleep", type=float, help="seconds the memory section's test sleeps")
+    args = parser.parse_args(argv)
+    mode = QUICK if args.quick else DEFAULT
+    overrides: dict[str, Any] = {
+        field: getattr(args, field)
+        for field in ("n", "reps", "sustained", "window", "set_up_reps", "copy_reps", "sleep")
+        if getattr(args, field) is not None
+    }
+    if args.floor_iterations is not None:
+        overrides["floor_iterations"] = args.floor_iterations
+    if args.tree_sizes:
+        overrides["tree_sizes"] = tuple(int(s) for s in args.tree_sizes.split(","))
+    mode = replace(mode, **overrides)
+    if mode.sustained <= 2 * mode.window:
+        parser.error("--sustained must be more than twice --window")
+    return args, mode
+
+
+def run(args: argparse.Namespace, mode: Mode, scratch: Path) -> dict[str, Any]:
+    sections = {int(s) for s in args.sections.split(",")}
+    report: dict[str, Any] = {"machine": machine.describe(), "mode": asdict(mode)}
+    report["sections"] = sorted(sections)
+    problem, manager = nsbox_status()
+    report["nsbox_problem"] = problem
+    try:
+        if sections & {1, 2, 5}:
+            _sessions_and_floor(report, sections, mode, scratch, manager, args)
+        if 3 in sections:
+            log(f"overlay scaling: trees of {', '.join(map(str, mode.tree_sizes))} files")
+            report["overlay"] = _guarded(lambda: measure_overlay(scratch, mode))
+        if 4 in sections:
+            log(f"sustained: {mode.sustained} sandboxed tests in one session")
+            project = sessions.make_project(scratch / "sustained", mode.sustained, per_file=100)
+            report["sustained"] = _guarded(
+                lambda: measure_sustained(project, mode.sustained, mode.window, scratch)
+            )
+        if 6 in sections:
+            log("memory: one sandboxed test in flight")
+            body = f"__import__('time').sleep({mode.sleep})"
+            project = sessions.make_project(scratch / "memory", 1, body=body)
+            report["memory"] = _guarded(lambda: measure_memory(project, mode.sleep))
+    finally:
+        if not isinstance(manager, str):
+            manager.close()
+    report["targets"] = targets(report)
+    return report
+
+
+def _guarded(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A section's figures, or what made it fail: one broken section must not lose the others."""
+    try:
+        return measure()
+    except (OSError, RuntimeError, subprocess.SubprocessError, KeyError, ValueError) as exc:
+        log(f"  failed: {exc!r}"[:600])
+        return {"problem": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
+
+
+def _sessions_and_floor(
+    report: dict[str, Any],
+    sections: set[int],
+    mode: Mode,
+    scratch: Path,
+    manager: Any,
+    args: argparse.Namespace,
+) -> None:
+    project = sessions.make_project(scratch / "project", mode.n)
+    pythons = {"main": sys.executable}
+    rows = [r for r in ROWS if r.section == 1 and 1 in sections]
+    if 5 in sections:
+        rows += [r for r in ROWS if r.key in ("inline", "full", "xdist") and r not in rows]
+    if args.rows:
+        wanted = set(args.rows.split(","))
+        rows = [r for r in rows if r.key in wanted or r.key in ("inline", "forked_inline")]
+    skipped: dict[str, str] = {}
+    if not args.no_pytest_forked and any(r.venv == "forked" for r in rows):
+        log("pytest-forked reference venv (created on first use)")
+        python, versions = sessions.ensure_forked_venv(CACHE)
+        report["pytest_forked"] = versions
+        if python is not None:
+            pythons["forked"] = python
+    for row in rows:
+        if row.venv == "forked" and "forked" not in pythons:
+            skipped[row.key] = report.get("pytest_forked") or "--no-pytest-forked"
+        elif row.key not in ("inline", "fork") and report["nsbox_problem"]:
+            skipped[row.key] = f"nsbox cannot sandbox here: {report['nsbox_problem']}"
+    if isinstance(manager, str):
+        for key in ("cgroup", "full", "xdist"):
+            skipped[key] = f"no cgroups: {manager}"
+    floor = _floor(sections, mode, scratch, project, manager)
+    runs = run_rounds(
+        [r for r in rows if r.key not in skipped],
+        project,
+        mode.n,
+        pythons,
+        mode,
+        scratch,
+        (lambda _round: floor.run()) if floor is not None else None,
+        args.seed,
+    )
+    table = summarize_rows(runs, mode.n)
+    for key, reason in skipped.items():
+        row = next(r for r in ROWS if r.key == key)
+        table[key] = {"label": row.label, "how": row.how, "problem": f"unavailable: {reason}"}
+    report["overhead"] = {r.key: table[r.key] for r in ROWS if r.key in table}
+    report["n"] = mode.n
+    if floor is not None:
+        rss = pytest_rss(runs)
+        if rss > floor.rss > 0:
+            log(f"raw floor with ballast: the parent padded to pytest's RSS ({rss >> 20} MB)")
+            floor.run(ballast_mb=(rss - floor.rss) >> 20)
+        report["floor"] = floor.figures()
+        report["floor"]["pytest_rss"] = rss
+    if 5 in sections:
+        report["xdist"] = _xdist_ratio(runs)
+
+
+def _floor(
+    sections: set[int], mode: Mode, scratch: Path, project: Path, manager: Any
+) -> Floor | None:
+    if 2 not in sections:
+        return None
+    bind = tempfile.mkdtemp(prefix="nsbench-basetemp-")  # where pytest's basetemp would be
+    _cleanup.append(lambda: shutil.rmtree(bind, ignore_errors=True))
+    cgroup_sessions = [] if isinstance(manager, str) else list(manager.session_dirs)
+    floor = Floor(project, mode.floor_iterations, cgroup_sessions, bind)
+    return floor
+
+
+def _xdist_ratio(runs: dict[str, RowRuns]) -> dict[str, Any]:
+    full, xdist = runs.get("full"), runs.get("xdist")
+    if not full or not xdist or not full.results or not xdist.results:
+        return {"problem": "the -n 0 or -n 2 sessions did not run"}
+    paired = [
+        xdist.results[k].wall / full.results[k].wall for k in xdist.results if k in full.results
+    ]
+    return {
+        "n0_wall_s": summarize([r.wall for r in full.results.values()]).as_dict(),
+        "n2_wall_s": summarize([r.wall for r in xdist.results.values()]).as_dict(),
+        "ratio": summarize(paired).as_dict(),
+    }
+
+
+_cleanup: list[Callable[[], None]] = []
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like an exception: the running session is killed, temp dirs removed."""
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, mode = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if not sys.platform.startswith("linux"):
+        print("pytest-nsbox benchmarks need Linux", file=sys.stderr)
+        return 2
+    CACHE.mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
+    try:
+        report = run(args, mode, scratch)
+    finally:
+        for step in reversed(_cleanup):
+            step()
+        if args.keep:
+            log(f"kept {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    report["elapsed_s"] = time.monotonic() - _started
+    print(render(report))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+        log(f"figures saved to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
