@@ -369,13 +369,16 @@ def test_failed_create_names_the_step_and_cleans_up(manager: cgroups.CgroupManag
         assert not [entry for entry in os.scandir(session) if entry.is_dir()]
 
 
-def test_attach_failure_names_the_path(sandboxes: Sandboxes) -> None:
+def test_attach_failure_names_the_path(
+    manager: cgroups.CgroupManager, sandboxes: Sandboxes
+) -> None:
     cgroup = sandboxes.create(Limits())
     cgroup.remove()
     with pytest.raises(CgroupError) as info:
         cgroup.attach_self()  # the first write fails, so this process stays where it is
+    attach_file = "tasks" if manager.version == 1 else "cgroup.procs"
     assert str(info.value) == (
-        f"attach: write cgroup.procs=0 to {cgroup.paths[0]} failed: "
+        f"attach: write {attach_file}=0 to {cgroup.paths[0]} failed: "
         "ENOENT (No such file or directory)"
     )
 
