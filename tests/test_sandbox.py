@@ -455,7 +455,7 @@ def test_import_path_under_tmp_stays_visible_read_only(
         monkeypatch.setenv("PYTHONPATH", str(libdir))
         pytester.makepyfile(
             """
-            import errno
+            import ctypes, errno, os
             import pytest
 
             @pytest.mark.nsbox
@@ -465,6 +465,11 @@ def test_import_path_under_tmp_stays_visible_read_only(
                 with pytest.raises(OSError) as info:
                     open(lazy_helper.__file__, "a")
                 assert info.value.errno == errno.EROFS
+                # Nor can the test remount it read-write: the flag is locked.
+                libc = ctypes.CDLL(None, use_errno=True)
+                where = os.path.dirname(lazy_helper.__file__).encode()
+                assert libc.mount(None, where, None, 32 | 4096, None) == -1  # MS_REMOUNT|MS_BIND
+                assert ctypes.get_errno() == errno.EPERM
             """
         )
         pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
