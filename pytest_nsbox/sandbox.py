@@ -32,7 +32,7 @@ import traceback
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
-from pytest_nsbox import filesystem, kernel, network, protocol
+from pytest_nsbox import filesystem, kernel, network, protocol, writes
 
 EXIT_SETUP_FAILED = 120
 EXIT_TEST_RUNNER_FAILED = 121
@@ -153,8 +153,6 @@ def _run_init(spec: SandboxSpec, result_fd: int, run_test: TestProcess, outer_pi
         if left:
             protocol.send(result_fd, "left_running", {"processes": left})
         if spec.list_writes:
-            from pytest_nsbox import writes
-
             protocol.send(result_fd, "writes", writes.list_changes(scratch_fd, lower_fd))
     except BaseException:
         traceback.print_exc()
