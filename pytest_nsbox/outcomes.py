@@ -373,10 +373,14 @@ def attach_record(item: pytest.Item, settings: SandboxSettings, outcome: Outcome
     return record
 
 
-def teststatus(report: pytest.TestReport) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
-    """The progress letter and verbose word of a report that a sandbox event failed."""
+def teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
+    """The progress letter and verbose word of a report that a sandbox event failed.
+
+    A plain word, not (word, markup): pytest colours failed reports red
+    itself, and pytest 8.0 printed a tuple's repr in the short summary.
+    """
     event = getattr(report, "nsbox_event", None)
     if event is None or not report.failed:
         return None
     letter, word = EVENT_STATUS[event]
-    return "failed", letter, (word, {"red": True})
+    return "failed", letter, word
