@@ -65,6 +65,39 @@ class Outcome:
     left_running: list[list[Any]] = field(default_factory=list)
     writes: dict[str, list[str]] | None = None
 
+    @property
+    def body(self) -> pytest.TestReport:
+        """The report that carries the test's own result: call, else the last phase."""
+        return next((r for r in self.reports if r.when == "call"), self.reports[-1])
+
+    def note(self, event: str, title: str, line: str) -> None:
+        """Record an event the test lived through: a section, and the lead of its failure.
+
+        The first failed report (if the test failed) is tagged with the event and
+        its crash line starts with ``line``, so the short summary says it first.
+        """
+        self.events.append(event)
+        self.messages.append(line)
+        self.body.sections.append((title, line))
+        for rep in self.reports:
+            if rep.failed and not hasattr(rep, "nsbox_event"):
+                rep.nsbox_event = event  # type: ignore[attr-defined]
+                crash = getattr(rep.longrepr, "reprcrash", None)
+                if crash is not None:
+                    crash.message = f"{line}; {crash.message}"
+                return
+
+    def fail_body(self, item: pytest.Item, event: str, message: str) -> None:
+        """Turn a passing body report into a failure for ``event``, keeping its output."""
+        body = self.body
+        failed = failure(item, body.when, message)
+        failed.sections = list(body.sections)
+        failed.duration = body.duration
+        failed.nsbox_event = event  # type: ignore[attr-defined]
+        self.reports[self.reports.index(body)] = failed
+        self.events.append(event)
+        self.messages.append(message)
+
 
 def signal_name(number: int) -> str:
     try:
@@ -239,60 +272,41 @@ def build(
         if phase != "teardown" and "teardown" not in reports:
             reports["teardown"] = _passed(item, "teardown")
 
-    ordered = [reports[when] for when in PHASES if when in reports]
-    last = ordered[-1]
-    body = reports.get("call") or last
+    outcome.reports = [reports[when] for when in PHASES if when in reports]
 
     if usage.oom_kills and "oom" not in outcome.events:
         line = _oom_line(settings, usage, "a process the test started; the test itself survived")
-        outcome.events.append("oom")
-        outcome.messages.append(line)
-        body.sections.append(("nsbox: OOM kill", line))
-        _mark_failed_report(item, ordered, "oom", line)
+        outcome.note("oom", "nsbox: OOM kill", line)
 
     if usage.pids_max_hits:
         line = (
             f"pids limit {settings.pids} reached {usage.pids_max_hits} "
             f"time{'s' if usage.pids_max_hits != 1 else ''} (fork failed with EAGAIN)"
         )
-        outcome.events.append("pids")
-        outcome.messages.append(line)
-        body.sections.append(("nsbox: pids limit", line))
-        _mark_failed_report(item, ordered, "pids", line)
+        outcome.note("pids", "nsbox: pids limit", line)
 
     for full in (run.first("full") or {}).get("filesystems", []):
         line = (
             f"{full['path']} is full: its {format_size(int(full['size']))} tmpfs "
             "(tmp_size) ran out, so writes failed with ENOSPC"
         )
-        outcome.events.append("full")
-        outcome.messages.append(line)
-        body.sections.append(("nsbox: file system full", line))
-        _mark_failed_report(item, ordered, "full", line)
+        outcome.note("full", "nsbox: file system full", line)
 
     if settings.cpu is not None:
-        body.sections.append(("nsbox: cpu", _cpu_line(usage)))
+        outcome.body.sections.append(("nsbox: cpu", _cpu_line(usage)))
         exceeded = _throttle_exceeded(settings, usage)
-        if exceeded is not None and body.passed:
-            failed = failure(item, body.when, exceeded)
-            failed.sections = list(body.sections)
-            failed.duration = body.duration
-            failed.nsbox_event = "throttle"  # type: ignore[attr-defined]
-            ordered[ordered.index(body)] = failed
-            outcome.events.append("throttle")
-            outcome.messages.append(exceeded)
+        if exceeded is not None and outcome.body.passed:
+            outcome.fail_body(item, "throttle", exceeded)
 
     if outcome.left_running:
         lines = [f"pid {pid}: {name} ({cmd or name})" for pid, name, cmd in outcome.left_running]
-        body.sections.append(
+        outcome.body.sections.append(
             ("nsbox: processes left running, killed at the end of the test", "\n".join(lines))
         )
 
     writes = run.first("writes")
     if writes is not None:
         outcome.writes = {k: list(v) for k, v in writes.items()}
-
-    outcome.reports = ordered
     return outcome
 
 
@@ -312,19 +326,6 @@ def _deserialize(config: pytest.Config, data: dict[str, Any]) -> pytest.TestRepo
 def _left(run: SandboxRun) -> list[list[Any]]:
     body = run.first("left_running")
     return list(body["processes"]) if body else []
-
-
-def _mark_failed_report(
-    item: pytest.Item, reports: Sequence[pytest.TestReport], event: str, line: str
-) -> None:
-    """Tag the first failed report with the event and lead its crash line with it."""
-    for rep in reports:
-        if rep.failed and not hasattr(rep, "nsbox_event"):
-            rep.nsbox_event = event  # type: ignore[attr-defined]
-            crash = getattr(rep.longrepr, "reprcrash", None)
-            if crash is not None:
-                crash.message = f"{line}; {crash.message}"
-            return
 
 
 def overall(reports: Sequence[pytest.TestReport]) -> str:

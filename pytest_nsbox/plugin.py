@@ -138,7 +138,7 @@ def _run_sandboxed(
         item, settings, run, usage, nsbox.process_name, _read_leftover_capture(item.config)
     )
     nsbox.apply_writes_policy(item, settings, outcome)
-    record = nsbox.record(item, settings, outcome)
+    record = outcomes.attach_record(item, settings, outcome)
     item.config.hook.pytest_nsbox_test_finished(item=item, record=record)
     return outcome.reports
 

@@ -17,16 +17,12 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from pytest_nsbox import protocol, sandbox
+from pytest_nsbox.cgroups import SandboxCgroup
 
 _READ_CHUNK = 1 << 16
-
-
-class SandboxCgroupLike(Protocol):
-    def attach_self(self) -> None: ...
-    def kill(self) -> int: ...
 
 
 @dataclass
@@ -56,7 +52,7 @@ def run(
     spec: sandbox.SandboxSpec,
     run_test: Callable[[int], sandbox.TestProcess],
     *,
-    cgroup: SandboxCgroupLike | None,
+    cgroup: SandboxCgroup | None,
     timeout: float | None,
 ) -> SandboxRun:
     """Fork a sandbox that runs ``run_test(result_fd)`` and wait for it.
@@ -106,7 +102,7 @@ def _collect(
     started: float,
     timeout: float | None,
     pid: int,
-    cgroup: SandboxCgroupLike | None,
+    cgroup: SandboxCgroup | None,
 ) -> None:
     """Read frames until every writer closed the pipe, or the deadline passed."""
     reader = protocol.FrameReader()
@@ -141,7 +137,7 @@ def _collect(
             result.protocol_error = str(exc)
 
 
-def _kill_sandbox(pid: int, cgroup: SandboxCgroupLike | None, result: SandboxRun) -> None:
+def _kill_sandbox(pid: int, cgroup: SandboxCgroup | None, result: SandboxRun) -> None:
     """SIGKILL every process of the sandbox, counting the test's own first."""
     init = result.first("started")
     if init is not None:

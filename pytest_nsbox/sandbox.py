@@ -33,16 +33,13 @@ from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
 from pytest_nsbox import filesystem, kernel, network, protocol, writes
+from pytest_nsbox.cgroups import SandboxCgroup
 
 EXIT_SETUP_FAILED = 120
 EXIT_TEST_RUNNER_FAILED = 121
 
 _MAP_ALL_IDS = "0 0 4294967295"
 _FULL_MARGIN = 64 * 1024  # a tmpfs with less free space than this counts as full
-
-
-class CgroupAttach(Protocol):
-    def attach_self(self) -> None: ...
 
 
 class TestProcess(Protocol):
@@ -89,7 +86,7 @@ def base_namespaces(network_isolated: bool, privileged: bool) -> int:
 def run_outer(
     spec: SandboxSpec,
     result_fd: int,
-    cgroup: CgroupAttach | None,
+    cgroup: SandboxCgroup | None,
     run_test: TestProcess,
     parent_pid: int,
 ) -> NoReturn:

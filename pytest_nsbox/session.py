@@ -171,21 +171,11 @@ class NsboxSession:
         ]
         if not lines:
             return
-        body = next((r for r in outcome.reports if r.when == "call"), outcome.reports[-1])
+        body = outcome.body
         body.sections.append(("nsbox: files written to the repo (thrown away)", "\n".join(lines)))
         if settings.writes == "fail" and body.passed:
             message = f"Wrote to the repo (writes='fail'): {', '.join(lines)}"
-            failed = outcomes.failure(item, body.when, message)
-            failed.sections = list(body.sections)
-            failed.nsbox_event = "writes"  # type: ignore[attr-defined]
-            outcome.reports[outcome.reports.index(body)] = failed
-            outcome.events.append("writes")
-            outcome.messages.append(message)
-
-    def record(
-        self, item: pytest.Item, settings: SandboxSettings, outcome: outcomes.Outcome
-    ) -> dict[str, Any]:
-        return outcomes.attach_record(item, settings, outcome)
+            outcome.fail_body(item, "writes", message)
 
     # -- hooks of the session ------------------------------------------------
 

@@ -123,7 +123,7 @@ def test_subprocess_oom_kill_is_reported(pytester: pytest.Pytester) -> None:
 def test_cpu_throttling_is_reported_and_can_fail(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
-        import time
+        import subprocess, time
         import pytest
 
         def spin(seconds):
@@ -137,6 +137,7 @@ def test_cpu_throttling_is_reported_and_can_fail(pytester: pytest.Pytester) -> N
 
         @pytest.mark.nsbox(cpu=0.1, max_throttle=0.2)
         def test_too_throttled():
+            subprocess.Popen(["sleep", "1000"], start_new_session=True)
             spin(1.0)
         """
     )
@@ -144,6 +145,11 @@ def test_cpu_throttling_is_reported_and_can_fail(pytester: pytest.Pytester) -> N
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.re_match_lines(
         [
+            # The failure made of the throttled report keeps every section.
+            r"_+ test_too_throttled _+",
+            r"CPU-throttled: .*",
+            r".* nsbox: processes left running, killed at the end of the test .*",
+            r"pid 3: sleep \(sleep 1000\)",
             r"cpu: \d+\.\d\d s used, throttled \d+ of \d+ periods \(\d+\.\d s\)",
             r"THROTTLED .*::test_too_throttled - CPU-throttled: throttled \d+\.\d\d s of "
             r"\d+\.\d\d s wall time \(\d+%\) under cpu=0.1, above max_throttle=0.2",
