@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import pwd
+import re
 import subprocess
 import sys
 import traceback
@@ -203,3 +204,29 @@ def user_project(plain_user: PlainUser) -> Iterator[Path]:
 def full_summary_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inner sessions print whole short-summary lines, as on CI (pytest checks $CI)."""
     monkeypatch.setenv("CI", "true")
+
+
+_SESSION_DIR = re.compile(r"nsbox-(\d+)(?:-\d+)?")
+
+
+def cgroup_session_dirs() -> dict[str, int]:
+    """Every pytest-nsbox session dir (``nsbox-<pid>[-n]``) in every cgroup hierarchy, with its owner."""
+    found = {}
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if fields[fields.index("-") + 1] in ("cgroup", "cgroup2"):
+                for dirpath, dirnames, _ in os.walk(fields[4]):
+                    for name in dirnames:
+                        match = _SESSION_DIR.fullmatch(name)
+                        if match:
+                            found[os.path.join(dirpath, name)] = int(match.group(1))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

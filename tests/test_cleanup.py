@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cgroup_session_dirs
 
 from pytest_nsbox import cgroups
 
@@ -55,16 +56,7 @@ def marked_processes() -> list[int]:
 
 def session_dirs(pid: int) -> list[str]:
     """Every cgroup directory of the pytest process ``pid``, in any hierarchy."""
-    found = []
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if fields[fields.index("-") + 1] in ("cgroup", "cgroup2"):
-                for dirpath, dirnames, _ in os.walk(fields[4]):
-                    found += [
-                        os.path.join(dirpath, d) for d in dirnames if d.startswith(f"nsbox-{pid}")
-                    ]
-    return found
+    return [d for d, owner in cgroup_session_dirs().items() if owner == pid]
 
 
 def wait_for(condition: object, timeout: float) -> bool:

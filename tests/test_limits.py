@@ -9,10 +9,10 @@ before and after: nothing of the run may remain.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
+from conftest import cgroup_session_dirs, pid_alive
 
 from pytest_nsbox import cgroups
 
@@ -30,36 +30,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def cgroup_dirs() -> set[str]:
-    """Every nsbox-made directory in every cgroup hierarchy mounted here."""
-    found = set()
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields = line.split()
-            fstype = fields[fields.index("-") + 1]
-            if fstype in ("cgroup", "cgroup2"):
-                for dirpath, dirnames, _ in os.walk(fields[4]):
-                    found.update(
-                        os.path.join(dirpath, d) for d in dirnames if d.startswith("nsbox-")
-                    )
-    return found
-
-
-def owner_alive(path: str) -> bool:
-    """Session dirs are named nsbox-<pid>[-n]; another live run may own some."""
-    pid = int(os.path.basename(path).split("-")[1])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture(autouse=True)
 def no_cgroup_left_behind() -> object:
-    before = cgroup_dirs()
+    before = set(cgroup_session_dirs())
     yield
-    leaked = {d for d in cgroup_dirs() - before if not owner_alive(d)}
+    leaked = {
+        d for d, owner in cgroup_session_dirs().items() if d not in before and not pid_alive(owner)
+    }
     assert leaked == set()
 
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import cgroup_session_dirs, pid_alive
 
 COUNT = int(os.environ.get("NSBOX_SOAK", "0"))
 
@@ -85,18 +86,9 @@ def kind_of(index: int) -> str:
 
 def leftovers() -> tuple[set[str], list[str]]:
     """nsbox cgroup dirs whose owner is dead, and mounts mentioning nsbox."""
-    dead = set()
+    dead = {d for d, owner in cgroup_session_dirs().items() if not pid_alive(owner)}
     with open("/proc/self/mountinfo") as f:
-        mountinfo = f.read()
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if fields[fields.index("-") + 1] in ("cgroup", "cgroup2"):
-            for dirpath, dirnames, _ in os.walk(fields[4]):
-                for d in dirnames:
-                    owner = d.split("-")[1] if d.startswith("nsbox-") else ""
-                    if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-                        dead.add(os.path.join(dirpath, d))
-    mounts = [m for m in mountinfo.splitlines() if "nsbox" in m]
+        mounts = [m for m in f.read().splitlines() if "nsbox" in m]
     return dead, mounts
 
 
