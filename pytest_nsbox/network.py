@@ -2,30 +2,37 @@
 
 A new network namespace has only ``lo``, and it is down. The request that
 brings it up is an RTM_NEWLINK message built with pyroute2's message classes
-once, in the parent (they compile lazily, so building them per test would cost
-milliseconds); the forked child only sends those bytes over a plain netlink
-socket and decodes the kernel's acknowledgement. Creating a full
-``pyroute2.IPRoute`` in every child costs about five times as much.
+once, in the pytest process (they compile lazily, so building them per test
+would cost milliseconds); the sandbox's init only sends those bytes over a
+plain netlink socket and reads the kernel's acknowledgement, an
+``nlmsgerr``: a netlink header and a signed errno. Decoding that needs only
+``struct``, so the sandbox factory (:mod:`pytest_nsbox.factory`) does not
+import pyroute2 at all. Creating a full ``pyroute2.IPRoute`` in every
+sandbox costs about five times as much.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import struct
 from functools import lru_cache
-
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, nlmsgerr
-from pyroute2.netlink.rtnl import RTM_NEWLINK
-from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 
 from pytest_nsbox.kernel import SandboxSetupError
 
 LOOPBACK_INDEX = 1  # the kernel gives lo index 1 in every new network namespace
+NLMSG_ERROR = 2
+# struct nlmsghdr (length, type, flags, sequence, port) then nlmsgerr's int error
+_ACK = struct.Struct("=IHHIIi")
 
 
 @lru_cache(maxsize=1)
 def loopback_up_request() -> bytes:
     """The encoded RTM_NEWLINK request that sets ``lo`` up."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.rtnl import RTM_NEWLINK
+    from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
+
     msg = ifinfmsg()
     msg["index"] = LOOPBACK_INDEX
     msg["flags"] = IFF_UP
@@ -34,12 +41,6 @@ def loopback_up_request() -> bytes:
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
     msg["header"]["sequence_number"] = 1
     msg.encode()
-    # Warm the decoder too: the child must not pay for its lazy compilation.
-    sample = nlmsgerr()
-    sample["header"]["type"] = NLMSG_ERROR
-    sample["error"] = 0
-    sample.encode()
-    nlmsgerr(bytes(sample.data)).decode()
     return bytes(msg.data[: msg["header"]["length"]])
 
 
@@ -53,13 +54,19 @@ def bring_loopback_up(request: bytes) -> None:
         raise SandboxSetupError("netlink RTM_NEWLINK lo up", exc.errno or errno.EIO) from None
     finally:
         sock.close()
-    ack = nlmsgerr(reply)
-    ack.decode()
-    if ack["header"]["type"] != NLMSG_ERROR:
+    check_ack(reply)
+
+
+def check_ack(reply: bytes) -> None:
+    """Raise unless ``reply`` is the kernel's acknowledgement with error 0."""
+    if len(reply) < _ACK.size:
         raise SandboxSetupError(
-            "netlink RTM_NEWLINK lo up",
-            errno.EPROTO,
-            f"unexpected reply type {ack['header']['type']}",
+            "netlink RTM_NEWLINK lo up", errno.EPROTO, f"short reply of {len(reply)} bytes"
         )
-    if ack["error"] != 0:
-        raise SandboxSetupError("netlink RTM_NEWLINK lo up", -ack["error"])
+    _, kind, _, _, _, error = _ACK.unpack_from(reply)
+    if kind != NLMSG_ERROR:
+        raise SandboxSetupError(
+            "netlink RTM_NEWLINK lo up", errno.EPROTO, f"unexpected reply type {kind}"
+        )
+    if error != 0:
+        raise SandboxSetupError("netlink RTM_NEWLINK lo up", -error)
