@@ -23,7 +23,9 @@ Every failure names the step, the path and the errno.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import itertools
 import os
 import re
@@ -34,8 +36,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-from filelock import FileLock, Timeout
 
 from pytest_nsbox.kernel import StepError
 
@@ -458,20 +458,35 @@ def _require_writable_v1(hierarchies: Sequence[V1Hierarchy]) -> None:
 
 @contextmanager
 def _locked() -> Iterator[None]:
-    """Hold the per-user lock of stale removal and cgroup2 parent preparation."""
+    """Hold the per-user lock of stale removal and cgroup2 parent preparation.
+
+    A plain ``flock(2)`` on a file in the temp dir, polled until
+    ``LOCK_TIMEOUT``: pytest-xdist workers of one run, and other runs, take
+    it in turn. Not the filelock package: filelock 4 registers at-fork
+    handlers that ran on every fork of the pytest process, about 1 ms per
+    sandboxed test on a 2-core VM (measured in the fork-only benchmark row).
+    """
     path = os.path.join(tempfile.gettempdir(), f"pytest-nsbox-cgroups-{os.geteuid()}.lock")
-    lock = FileLock(path, timeout=LOCK_TIMEOUT)
     try:
-        lock.acquire()
-    except Timeout:
-        detail = f"another pytest held it for {LOCK_TIMEOUT:g} s"
-        raise CgroupError(f"lock {path}", errno.ETIMEDOUT, detail) from None
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise CgroupError(f"lock {path}", exc.errno or errno.EIO) from None
     try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    detail = f"another pytest held it for {LOCK_TIMEOUT:g} s"
+                    raise CgroupError(f"lock {path}", errno.ETIMEDOUT, detail) from None
+                time.sleep(0.01)
+            except OSError as exc:
+                raise CgroupError(f"lock {path}", exc.errno or errno.EIO) from None
         yield
     finally:
-        lock.release()
+        os.close(fd)  # closing the file releases the lock
 
 
 def _alive(pid: int) -> bool:
@@ -554,15 +569,36 @@ class SandboxCgroup(ABC):
         self,
         limits: Limits,
         paths: tuple[str, ...],
+        settings: tuple[tuple[str, str], ...],
         kill_file: str | None,
         attach_file: str = "cgroup.procs",
     ) -> None:
         self.limits = limits
         self.paths = paths
+        self.settings = settings
         self._procs_files = tuple(f"{path}/cgroup.procs" for path in paths)
         self._attach_file = attach_file
         self._attach_targets = tuple(os.fsencode(f"{path}/{attach_file}") for path in paths)
         self._kill_file = kill_file
+
+    def make(self) -> None:
+        """mkdir the cgroup in every hierarchy and write its limits; undone if a step fails.
+
+        The sandbox's init calls it while it builds the sandbox, so that the
+        pytest process only plans a test's cgroup (:meth:`CgroupManager.plan`).
+        """
+        made = []
+        try:
+            for path in self.paths:
+                _mkdir(path)
+                made.append(path)
+            for path, value in self.settings:
+                _write(path, value)
+        except BaseException:
+            for path in made:
+                with contextlib.suppress(CgroupError):
+                    _rmdir(path)
+            raise
 
     def attach_self(self) -> None:
         """Move the calling process into the cgroup: call it in the forked child.
@@ -582,6 +618,10 @@ class SandboxCgroup(ABC):
                 raise CgroupError(
                     f"attach: write {self._attach_file}=0 to {where}", exc.errno or errno.EIO
                 ) from None
+
+    def processes(self) -> set[int]:
+        """The processes in the cgroup (every hierarchy holds the same ones)."""
+        return _procs(self._procs_files[:1])
 
     @abstractmethod
     def usage(self) -> Usage:
@@ -613,8 +653,14 @@ class CgroupManager(ABC):
         """One line for the report header."""
 
     @abstractmethod
+    def plan(self, limits: Limits) -> SandboxCgroup:
+        """The next test's cgroup with these limits: named and set, not made yet."""
+
     def create(self, limits: Limits) -> SandboxCgroup:
-        """A new cgroup with these limits; call before forking the test."""
+        """A new cgroup with these limits, made now."""
+        cgroup = self.plan(limits)
+        cgroup.make()
+        return cgroup
 
     def close(self) -> None:
         """Kill what is left and remove the session dir(s); closing twice is fine."""
@@ -710,16 +756,10 @@ class CgroupV2Manager(CgroupManager):
     def describe(self) -> str:
         return f"cgroup v2 ({', '.join(CONTROLLERS)}) in {self._session}"
 
-    def create(self, limits: Limits) -> SandboxCgroup:
+    def plan(self, limits: Limits) -> SandboxCgroup:
         path = f"{self._session}/t{next(self._numbers)}"
-        _mkdir(path)
-        try:
-            for name, value in self._settings(limits):
-                _write(f"{path}/{name}", value)
-        except BaseException:
-            _rmdir(path)
-            raise
-        return _SandboxV2(limits, path, self._files)
+        settings = tuple((f"{path}/{name}", value) for name, value in self._settings(limits))
+        return _SandboxV2(limits, path, settings, self._files)
 
     def _settings(self, limits: Limits) -> list[tuple[str, str]]:
         # oom.group: an OOM kill takes the whole test, not one process of it,
@@ -737,8 +777,11 @@ class CgroupV2Manager(CgroupManager):
 
 
 class _SandboxV2(SandboxCgroup):
-    def __init__(self, limits: Limits, path: str, files: _V2Files) -> None:
-        super().__init__(limits, (path,), f"{path}/cgroup.kill" if files.kill else None)
+    def __init__(
+        self, limits: Limits, path: str, settings: tuple[tuple[str, str], ...], files: _V2Files
+    ) -> None:
+        kill_file = f"{path}/cgroup.kill" if files.kill else None
+        super().__init__(limits, (path,), settings, kill_file)
         self._files = files
 
     def usage(self) -> Usage:
@@ -811,21 +854,10 @@ class CgroupV1Manager(CgroupManager):
         names = ", ".join(",".join(h.controllers) for h in self.hierarchies)
         return f"cgroup v1 ({names}) in {', '.join(self.session_dirs)}"
 
-    def create(self, limits: Limits) -> SandboxCgroup:
+    def plan(self, limits: Limits) -> SandboxCgroup:
         name = f"t{next(self._numbers)}"
         paths = tuple(f"{session}/{name}" for session in self.session_dirs)
-        made = []
-        try:
-            for path in paths:
-                _mkdir(path)
-                made.append(path)
-            for path, value in self._settings(paths, limits):
-                _write(path, value)
-        except BaseException:
-            for path in made:
-                _rmdir(path)
-            raise
-        return _SandboxV1(limits, paths, self._layout)
+        return _SandboxV1(limits, paths, tuple(self._settings(paths, limits)), self._layout)
 
     def _settings(self, paths: tuple[str, ...], limits: Limits) -> list[tuple[str, str]]:
         layout = self._layout
@@ -845,11 +877,17 @@ class CgroupV1Manager(CgroupManager):
 
 
 class _SandboxV1(SandboxCgroup):
-    def __init__(self, limits: Limits, paths: tuple[str, ...], layout: _V1Layout) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        paths: tuple[str, ...],
+        settings: tuple[tuple[str, str], ...],
+        layout: _V1Layout,
+    ) -> None:
         # v1 "tasks" moves the writing thread, which in a child just forked is
         # the whole process; "cgroup.procs" would take a global lock whose
         # first write often waits ~10 ms for an RCU grace period (0.13 ms here).
-        super().__init__(limits, paths, None, attach_file="tasks")
+        super().__init__(limits, paths, settings, None, attach_file="tasks")
         self._layout = layout
 
     def usage(self) -> Usage:
