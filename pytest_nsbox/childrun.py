@@ -45,7 +45,9 @@ class SandboxedItem:
         self.result_fd = result_fd
 
     def prepare(self) -> None:
-        self.item.config.hook.pytest_nsbox_sandbox_ready(item=self.item, settings=self.settings)
+        hook = self.item.config.hook.pytest_nsbox_sandbox_ready
+        if hook.get_hookimpls():  # a call with no implementation still costs page copies
+            hook(item=self.item, settings=self.settings)
 
     def run(self) -> None:
         global _result_fd

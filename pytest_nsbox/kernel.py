@@ -36,7 +36,6 @@ MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -102,6 +101,11 @@ def mount(
         _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
         f"mount {what} on {target}",
     )
+
+
+def setns(fd: int, nstype: int, what: str) -> None:
+    """setns(2): join the namespace ``fd`` refers to (``what`` names it in the error)."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({what})")
 
 
 def umount2(target: str, flags: int) -> None:

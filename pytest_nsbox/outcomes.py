@@ -205,8 +205,7 @@ def build(
         rep.when: rep for rep in (_deserialize(item.config, b) for b in run.bodies("report"))
     }
     outcome = Outcome(reports=[], usage=usage, left_running=[list(p) for p in _left(run)])
-    exit_frame = run.first("exit")
-    test_status = int(exit_frame["status"]) if exit_frame else None
+    test_status = run.test_status
     missing = _missing_phase(reports)
     setup_error = run.first("setup_error")
     test_killed = test_status is None or (
@@ -247,7 +246,7 @@ def build(
             f"Crashed: the test process {_describe_status(test_status)} during {missing}",
         )
     elif missing is not None:
-        outer = _describe_status(run.outer_status) if run.outer_status is not None else "vanished"
+        outer = _describe_status(run.child_status) if run.child_status is not None else "vanished"
         death = (
             "crash",
             f"Crashed: the sandbox ended ({outer}) before the test's {missing} report",

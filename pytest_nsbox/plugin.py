@@ -105,7 +105,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if refusal is not None:
         reports = nsbox.unavailable_reports(item, refusal)
     else:
-        reports = _run_sandboxed(item, settings, nsbox)
+        reports = _run_sandboxed(item, nextitem, settings, nsbox)
     _teardown_parent_state(item, nextitem, reports)
     for report in reports:
         ihook.pytest_runtest_logreport(report=report)
@@ -114,22 +114,22 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def _run_sandboxed(
-    item: pytest.Item, settings: SandboxSettings, nsbox: NsboxSession
+    item: pytest.Item, nextitem: pytest.Item | None, settings: SandboxSettings, nsbox: NsboxSession
 ) -> list[pytest.TestReport]:
-    spec = nsbox.spec_for(item, settings)
-    cgroup = nsbox.cgroup_for(settings)
+    prepared = nsbox.sandbox_for(item, settings)
     timeout = nsbox.timeout_for(item, settings)
+    # Asked for now, the next test's sandbox is built while this test runs.
+    _prepare_next(nextitem, nsbox)
     try:
         run = runner.run(
-            spec,
+            prepared,
             lambda fd: childrun.SandboxedItem(item, settings, fd),
-            cgroup=cgroup,
+            factory=nsbox.factory,
             timeout=timeout,
         )
-        usage = nsbox.usage_of(run, cgroup)
+        usage = nsbox.usage_of(run, prepared.cgroup)
     finally:
-        if cgroup is not None:
-            nsbox.release(cgroup)
+        nsbox.release(prepared)
     for body in run.bodies("warnings"):
         _replay_warnings(body["records"])
     for body in run.bodies("coverage"):
@@ -141,6 +141,13 @@ def _run_sandboxed(
     record = outcomes.attach_record(item, settings, outcome)
     item.config.hook.pytest_nsbox_test_finished(item=item, record=record)
     return outcome.reports
+
+
+def _prepare_next(nextitem: pytest.Item | None, nsbox: NsboxSession) -> None:
+    """While a sandboxed test runs, have the next one's sandbox built, if it gets one."""
+    settings = nextitem.stash.get(settings_key, None) if nextitem is not None else None
+    if nextitem is not None and settings is not None and nsbox.refusal(settings) is None:
+        nsbox.prepare_next(nextitem, settings)
 
 
 def _read_leftover_capture(config: pytest.Config) -> tuple[str, str]:

@@ -1,9 +1,10 @@
 """Can this machine sandbox a test, and how? Asked once per session.
 
-The probe runs the real sandbox sequence (the same code as a test) around a
-no-op in a temporary directory, so its verdict cannot drift from what the
-tests will meet. When it fails, :func:`explain` turns the failed step and the
-machine's settings into what is missing and how to fix it.
+The probe runs the real sandbox sequence (the same code as a test, through a
+sandbox factory of its own) around a no-op in a temporary directory, so its
+verdict cannot drift from what the tests will meet. When it fails,
+:func:`explain` turns the failed step and the machine's settings into what
+is missing and how to fix it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from pytest_nsbox import kernel, runner, sandbox
+from pytest_nsbox.factory import SandboxFactory
 
 DEFAULT_TMP_SIZE = 16 * 1024 * 1024
 
@@ -62,15 +64,24 @@ def try_sandbox(privileged: bool) -> str | None:
             passthrough=(),
             list_writes=False,
         )
-        result = runner.run(spec, lambda fd: _NoOp(), cgroup=None, timeout=30)
+        factory = SandboxFactory()
+        try:
+            prepared = factory.prepare(spec, None).wait()
+            try:
+                result = runner.run(prepared, lambda fd: _NoOp(), factory=factory, timeout=30)
+            finally:
+                prepared.close()
+        finally:
+            factory.close()
+    except kernel.SandboxSetupError as exc:
+        return str(exc)
     finally:
         shutil.rmtree(top, ignore_errors=True)
     error = result.first("setup_error")
     if error is not None:
         return str(error["message"])
-    exit_frame = result.first("exit")
-    if exit_frame is None or exit_frame["status"] != 0:
-        return f"the probe sandbox did not finish (status {result.outer_status})"
+    if result.test_status != 0:
+        return f"the probe sandbox did not finish (status {result.child_status})"
     return None
 
 
@@ -81,7 +92,12 @@ def probe() -> Capabilities:
     for privileged in [True, False] if os.geteuid() == 0 else [False]:
         problem = try_sandbox(privileged)
         if problem is None:
-            flags = sandbox.base_namespaces(True, privileged) | kernel.CLONE_NEWUSER
+            # Init adds the cgroup namespace, the lock namespace a user namespace.
+            flags = (
+                sandbox.base_namespaces(True, privileged)
+                | kernel.CLONE_NEWCGROUP
+                | kernel.CLONE_NEWUSER
+            )
             return Capabilities(True, privileged, kernel.describe_clone_flags(flags))
         failures.append(problem)
     return Capabilities(False, False, "", problem=failures[-1], fix=explain(failures[-1]))

@@ -1,14 +1,16 @@
-"""The parent's side of one sandbox: fork, collect frames, enforce the timeout, wait.
+"""The parent's side of one sandbox: fork the test into it, collect frames, enforce the timeout.
 
-Nothing here knows about pytest: it runs a callable in a sandbox and returns
-what came back (frames from the child) and what the kernel says (wait status,
-resource usage, the cgroup's counters). Turning that into test reports is
+Nothing here knows about pytest: it runs a callable in a prepared sandbox
+(:mod:`pytest_nsbox.factory`) and returns what came back (frames from the
+test process and from the sandbox's init) and what the kernel says (wait
+status, resource usage). Turning that into test reports is
 :mod:`pytest_nsbox.outcomes`' job, so data flows one way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import os
 import select
@@ -19,19 +21,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_nsbox import protocol, sandbox
-from pytest_nsbox.cgroups import SandboxCgroup
+from pytest_nsbox import kernel, protocol, sandbox
+from pytest_nsbox.factory import PreparedSandbox, SandboxFactory
 
-_READ_CHUNK = 1 << 16
+_READ_CHUNK = 1 << 20
+_PIPE_SIZE = 1 << 20
+_DRAIN_SECONDS = 0.02
 
 
 @dataclass
 class SandboxRun:
-    """Everything known about one finished sandbox."""
+    """Everything known about one finished sandbox.
+
+    ``test_status`` is the test process's wait status; ``child_status`` that
+    of pytest's own child, which is the test process for root and, for a
+    plain user, the process that forked it.
+    """
 
     frames: list[protocol.Frame] = field(default_factory=list)
     protocol_error: str | None = None
-    outer_status: int | None = None
+    test_status: int | None = None
+    child_status: int | None = None
     cpu_seconds: float = 0.0
     max_rss: int = 0
     timeout: float | None = None
@@ -49,133 +59,235 @@ class SandboxRun:
 
 
 def run(
-    spec: sandbox.SandboxSpec,
+    prepared: PreparedSandbox,
     run_test: Callable[[int], sandbox.TestProcess],
     *,
-    cgroup: SandboxCgroup | None,
+    factory: SandboxFactory,
     timeout: float | None,
 ) -> SandboxRun:
-    """Fork a sandbox that runs ``run_test(result_fd)`` and wait for it.
+    """Fork a test process into ``prepared`` that runs ``run_test(result_fd)``, and wait for it.
 
-    ``run_test`` is called in the child with the pipe's write end and returns
-    what the test process runs. On timeout the whole sandbox is
-    killed: through the cgroup when there is one, else through its init
-    (pid 1), whose death takes every process of its pid namespace with it.
-    On KeyboardInterrupt the sandbox is killed and the interrupt re-raised.
+    ``run_test`` is called in the child with the pipe's write end. Root's
+    child is forked straight into the sandbox's pid namespace: the pytest
+    process points its pid namespace for children there for the one
+    ``fork`` and back to its own after. The child closes every descriptor of
+    the factory and its sandboxes before the test runs. On timeout the whole
+    sandbox is killed: through the cgroup when there is one, and through its
+    init, whose death takes every process of its pid namespace with it. On
+    KeyboardInterrupt the sandbox is killed and the interrupt re-raised.
     """
     result = SandboxRun(timeout=timeout)
+    if prepared.setup_error is not None:
+        result.frames.append(protocol.Frame("setup_error", prepared.setup_error))
+        return result
+    spec = prepared.spec
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    parent_pid = os.getpid()
+    os.set_blocking(read_fd, False)
+    with contextlib.suppress(OSError):  # a larger pipe: the parent empties it rarely
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
     started = time.monotonic()
     with warnings.catch_warnings():
         # Python 3.12+ warns about fork() in a multi-threaded process (a
         # pytest-xdist worker). The child never touches another thread's
         # state: it runs the test and talks only through its own pipe.
         warnings.simplefilter("ignore", DeprecationWarning)
-        # Frozen objects are never traversed by the children's collections,
-        # so their pages stay shared instead of being copied (fork's CoW).
+        # Frozen objects are never traversed by a collection, the child's or
+        # (until the child is gone) the parent's, so their pages stay shared
+        # instead of being copied (fork's copy-on-write).
         gc.freeze()
-        pid = os.fork()
-    if pid != 0:
-        gc.unfreeze()
+        if spec.privileged:
+            kernel.setns(prepared.namespaces["pid"], kernel.CLONE_NEWPID, "pid, for the test")
+        try:
+            pid = os.fork()
+        except BaseException:
+            pid = -1
+            gc.unfreeze()
+            raise
+        finally:
+            if spec.privileged and pid != 0:
+                # Only the parent goes back; the child is pid 2 of the sandbox.
+                kernel.setns(factory.own_pid_namespace, kernel.CLONE_NEWPID, "pytest's own pid")
     if pid == 0:
         os.close(read_fd)
-        sandbox.run_outer(spec, write_fd, cgroup, run_test(write_fd), parent_pid)
+        sandbox.run_test_process(
+            spec,
+            prepared.namespaces,
+            prepared.cgroup,
+            write_fd,
+            tuple({*factory.descriptors(), *prepared.descriptors()}),
+            run_test(write_fd),
+        )
     os.close(write_fd)
+    streams = {read_fd: bytearray(), prepared.channel.fileno(): bytearray()}
     try:
-        _collect(read_fd, result, started, timeout, pid, cgroup)
+        pidfd = os.pidfd_open(pid)
+        try:
+            _collect(read_fd, streams, pidfd, pid, prepared, result, started, timeout)
+        finally:
+            os.close(pidfd)
     except BaseException:
         result.interrupted = True
-        _kill_sandbox(pid, cgroup, result)
-        _wait(pid, result)
+        _kill_sandbox(pid, prepared, result)
+        if result.child_status is None:
+            _reap(pid, result)
         raise
     finally:
         os.close(read_fd)
-    _wait(pid, result)
+        gc.unfreeze()
+    for data in streams.values():
+        _decode(data, result)
+    if result.test_status is None:
+        exit_frame = result.first("exit")
+        if exit_frame is not None:
+            result.test_status = int(exit_frame["status"])
+        elif spec.privileged:
+            result.test_status = result.child_status
     result.wall_seconds = time.monotonic() - started
     return result
 
 
 def _collect(
     read_fd: int,
+    streams: dict[int, bytearray],
+    pidfd: int,
+    pid: int,
+    prepared: PreparedSandbox,
     result: SandboxRun,
     started: float,
     timeout: float | None,
-    pid: int,
-    cgroup: SandboxCgroup | None,
 ) -> None:
-    """Read frames until every writer closed the pipe, or the deadline passed."""
-    reader = protocol.FrameReader()
+    """Buffer both byte streams until the child is reaped and they are done, or the deadline.
+
+    While the child lives the parent stays quiet: it sleeps on the child's
+    pidfd and empties the pipe (made 1 MiB) only when the child exits or
+    every ``_DRAIN_SECONDS``, instead of waking for each report. Whatever the parent writes while the child lives it pays
+    for twice: the copy-on-write fault, and the page copied. Bytes are
+    only buffered here, decoded after.
+
+    Then the test's pipe closes when everything the test started is gone.
+    Init is asked for its report only when it has something to tell: a
+    listing of the writes, or processes left in the cgroup besides itself
+    (without a cgroup, always); it ends when its channel closes.
+    """
+    channel = prepared.channel.fileno()
     deadline = None if timeout is None else started + timeout
     poller = select.poll()
-    poller.register(read_fd, select.POLLIN)
-    while True:
-        wait_ms = None
+    poller.register(pidfd, select.POLLIN)
+    poller.register(channel, select.POLLIN)
+    watched = {pidfd, channel}
+    while watched:
+        wait = _DRAIN_SECONDS if pidfd in watched else None
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 result.timed_out = True
-                _kill_sandbox(pid, cgroup, result)
+                _kill_sandbox(pid, prepared, result)
                 deadline = None
                 continue
-            wait_ms = max(1, int(remaining * 1000))
-        if not poller.poll(wait_ms):
-            continue
-        chunk = os.read(read_fd, _READ_CHUNK)
+            wait = remaining if wait is None else min(wait, remaining)
+        ready = poller.poll(None if wait is None else max(1, int(wait * 1000)))
+        if pidfd in watched:
+            _drain(read_fd, streams[read_fd])
+        for fd, _ in ready:
+            if fd not in watched:  # dropped earlier in this round (init's channel, see below)
+                continue
+            if fd == pidfd:
+                _reap(pid, result)
+                poller.unregister(pidfd)
+                watched.discard(pidfd)
+                poller.register(read_fd, select.POLLIN)
+                watched.add(read_fd)
+                if _init_has_news(prepared):
+                    with contextlib.suppress(OSError):
+                        os.write(channel, sandbox.FINISHED)
+                elif channel in watched:
+                    poller.unregister(channel)
+                    watched.discard(channel)
+            elif _read_into(fd, streams[fd]):
+                poller.unregister(fd)
+                watched.discard(fd)
+    full = sandbox.full_filesystems(prepared.spec, prepared.mounts)
+    if full:
+        result.frames.append(protocol.Frame("full", {"filesystems": full}))
+
+
+def _init_has_news(prepared: PreparedSandbox) -> bool:
+    """Whether init has something to report now that the test process is gone."""
+    if prepared.spec.list_writes or prepared.cgroup is None:
+        return True
+    return bool(prepared.cgroup.processes() - {prepared.init_pid()})
+
+
+def _drain(fd: int, buffer: bytearray) -> None:
+    """Read what the pipe holds now, without waiting."""
+    while True:
+        try:
+            chunk = os.read(fd, _READ_CHUNK)
+        except BlockingIOError:
+            return
         if not chunk:
-            break
-        if result.protocol_error is not None:
-            continue  # drain until the writers are gone
-        try:
-            result.frames.extend(reader.feed(chunk))
-        except protocol.ProtocolError as exc:
-            result.protocol_error = str(exc)
-    if result.protocol_error is None:
-        try:
-            reader.finish()
-        except protocol.ProtocolError as exc:
-            result.protocol_error = str(exc)
+            return
+        buffer += chunk
 
 
-def _kill_sandbox(pid: int, cgroup: SandboxCgroup | None, result: SandboxRun) -> None:
-    """SIGKILL every process of the sandbox, counting the test's own first."""
-    init = result.first("started")
-    if init is not None:
-        # The test's processes: everything in its pid namespace but init.
-        result.killed_at_timeout = max(count_pid_namespace(int(init["init_pid"])) - 1, 0)
-    if cgroup is not None:
-        cgroup.kill()
-    for target in ([int(init["init_pid"])] if init else []) + [pid]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(target, signal.SIGKILL)
-
-
-def count_pid_namespace(init_pid: int) -> int:
-    """How many processes live in the pid namespace whose init is ``init_pid``."""
+def _read_into(fd: int, buffer: bytearray) -> bool:
+    """Append what is there to ``buffer``; True at the end of the stream."""
     try:
-        target = os.readlink(f"/proc/{init_pid}/ns/pid")
-    except OSError:
-        return 0
+        chunk = os.read(fd, _READ_CHUNK)
+    except ConnectionResetError:
+        return True
+    buffer += chunk
+    return not chunk
+
+
+def _decode(data: bytearray, result: SandboxRun) -> None:
+    """The frames of one stream; anything else is the run's protocol error."""
+    reader = protocol.FrameReader()
+    try:
+        result.frames.extend(reader.feed(bytes(data)))
+        reader.finish()
+    except protocol.ProtocolError as exc:
+        if result.protocol_error is None:
+            result.protocol_error = str(exc)
+
+
+def _kill_sandbox(pid: int, prepared: PreparedSandbox, result: SandboxRun) -> None:
+    """SIGKILL every process of the sandbox, counting the test's own first."""
+    if "pid" in prepared.namespaces:
+        # The test's processes: everything in its pid namespace but init.
+        result.killed_at_timeout = max(count_pid_namespace(prepared.namespaces["pid"]) - 1, 0)
+    if prepared.cgroup is not None:
+        prepared.cgroup.kill()
+    if prepared.init_pidfd is not None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(prepared.init_pidfd, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def count_pid_namespace(namespace_fd: int) -> int:
+    """How many processes live in the pid namespace that ``namespace_fd`` refers to."""
+    target = os.fstat(namespace_fd)
     count = 0
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.readlink(f"/proc/{entry}/ns/pid") == target:
-                    count += 1
+                found = os.stat(f"/proc/{entry}/ns/pid")
             except OSError:
                 continue
+            if (found.st_ino, found.st_dev) == (target.st_ino, target.st_dev):
+                count += 1
     return count
 
 
-def _wait(pid: int, result: SandboxRun) -> None:
+def _reap(pid: int, result: SandboxRun) -> None:
     while True:
         try:
             _, status, usage = os.wait4(pid, 0)
             break
         except InterruptedError:
             continue
-    result.outer_status = status
-    # wait4 counts the outer process and every descendant that was reaped:
-    # init reaps the whole sandbox, so this is the sandbox's CPU time.
+    result.child_status = status
+    # wait4 counts the child and every descendant it reaped.
     result.cpu_seconds = usage.ru_utime + usage.ru_stime
     result.max_rss = usage.ru_maxrss * 1024

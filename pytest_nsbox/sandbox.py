@@ -1,21 +1,31 @@
-"""The sandbox, from the forked child's side: one readable sequence of steps.
+"""The sandbox, from inside: one readable sequence of steps per process.
 
-Three processes make one sandbox::
+A sandbox is built ahead of its test by the sandbox factory
+(:mod:`pytest_nsbox.factory`), a small process, so that the pytest process
+is forked once per test instead of once per sandbox process::
 
-    pytest ── outer ── init (pid 1) ── test (pid 2) ── whatever the test starts
-              (A)      (B)             (C)
+    factory ── outer ── init (pid 1)            built while the previous test runs
+    pytest ─────────────── test (pid 2) ── whatever the test starts
+                           (joins init's namespaces with setns)
 
-* **outer** joins the test's cgroup, enters the new namespaces (pid, mount,
-  net, uts, ipc, cgroup; plus user when pytest is not root) and forks;
+* **outer** enters the new namespaces (mnt, pid, net, uts, ipc; plus user
+  when pytest is not root) and forks init;
 * **init** is pid 1 of the new pid namespace: it builds the file system view
-  and the network, forks the test, reaps orphans while it runs, then lists
-  and kills whatever the test left running, and reports to the parent;
-* **test** enters one more user and mount namespace, whose id maps init
-  writes. Every mount it sees came from a more privileged mount namespace,
-  so the kernel locks them: even as root the test cannot unmount the overlay
-  or the private ``/proc`` to reach what is beneath, nor clear a read-only
-  flag. As a plain user the test then drops the capabilities that namespace
-  granted, and runs with none, as on the host.
+  and the network, joins the test's cgroup and gives itself a cgroup
+  namespace rooted there, and makes the *lock namespace*: one more user and
+  mount namespace, whose id maps init writes. Every mount seen from there
+  came from a more privileged mount namespace, so the kernel locks them:
+  even as root the test cannot unmount the overlay or the private ``/proc``
+  to reach what is beneath, nor clear a read-only flag. Init sends the
+  pytest process a descriptor of each namespace, reaps orphans while the
+  test runs, then lists and kills whatever the test left running, and
+  reports what only it can see;
+* **test** is forked from pytest into init's pid namespace (pytest points
+  its pid namespace for children there for the one ``fork``; a plain user
+  cannot, so a first fork joins the user and pid namespaces and forks the
+  test), joins the cgroup and the other namespaces with ``setns``, the lock
+  namespace last, and runs the test; as a plain user it then drops the
+  capabilities that namespace granted, and runs with none, as on the host.
 
 Each step raises :class:`~pytest_nsbox.kernel.SandboxSetupError`; it reaches
 the parent as a ``setup_error`` frame naming the step.
@@ -24,22 +34,42 @@ the parent as a ``setup_error`` frame naming the step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import os
+import select
 import signal
+import socket
 import sys
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NoReturn, Protocol
+from functools import lru_cache
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 from pytest_nsbox import filesystem, kernel, network, protocol, writes
-from pytest_nsbox.cgroups import SandboxCgroup
+
+if TYPE_CHECKING:
+    from pytest_nsbox.cgroups import SandboxCgroup
 
 EXIT_SETUP_FAILED = 120
 EXIT_TEST_RUNNER_FAILED = 121
 
 _MAP_ALL_IDS = "0 0 4294967295"
 _FULL_MARGIN = 64 * 1024  # a tmpfs with less free space than this counts as full
+
+#: The namespaces the test joins with setns, in order, by the name /proc/PID/ns gives them.
+#: ``outer_user`` (a plain user's only) comes first: it grants the rights to join the others;
+#: ``user`` and ``mnt`` are the lock namespace, joined last.
+JOIN_ORDER = (
+    ("net", kernel.CLONE_NEWNET),
+    ("uts", kernel.CLONE_NEWUTS),
+    ("ipc", kernel.CLONE_NEWIPC),
+    ("cgroup", kernel.CLONE_NEWCGROUP),
+    ("user", kernel.CLONE_NEWUSER),
+    ("mnt", kernel.CLONE_NEWNS),
+)
+FINISHED = b"f"  # pytest to init: the test process has exited
 
 
 class TestProcess(Protocol):
@@ -54,7 +84,12 @@ class TestProcess(Protocol):
 
 @dataclass(frozen=True)
 class SandboxSpec:
-    """Everything the child needs, computed in the parent before fork."""
+    """Everything a sandbox is built from, computed in the parent.
+
+    Two specs that compare equal build the same sandbox: a sandbox prepared
+    for the next test is used only if the spec computed when that test runs
+    is equal to the one it was built from.
+    """
 
     namespaces: int
     privileged: bool
@@ -68,14 +103,8 @@ class SandboxSpec:
 
 
 def base_namespaces(network_isolated: bool, privileged: bool) -> int:
-    """The CLONE_NEW* flags the outer process unshares."""
-    flags = (
-        kernel.CLONE_NEWNS
-        | kernel.CLONE_NEWPID
-        | kernel.CLONE_NEWUTS
-        | kernel.CLONE_NEWIPC
-        | kernel.CLONE_NEWCGROUP
-    )
+    """The CLONE_NEW* flags the outer process unshares (the cgroup namespace is init's)."""
+    flags = kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWUTS | kernel.CLONE_NEWIPC
     if network_isolated:
         flags |= kernel.CLONE_NEWNET
     if not privileged:
@@ -83,22 +112,23 @@ def base_namespaces(network_isolated: bool, privileged: bool) -> int:
     return flags
 
 
+# -- in the factory: outer and init ------------------------------------------
+
+
 def run_outer(
-    spec: SandboxSpec,
-    result_fd: int,
-    cgroup: SandboxCgroup | None,
-    run_test: TestProcess,
-    parent_pid: int,
+    spec: SandboxSpec, cgroup: SandboxCgroup | None, channel_fd: int, factory_pid: int
 ) -> NoReturn:
-    """Process A, right after fork in the pytest process. Never returns."""
+    """The outer process, right after fork in the factory. Never returns.
+
+    Init shares outer's mount namespace, so once init's mounts are done,
+    outer becomes the lock namespace: it unshares one more user and mount
+    namespace (a copy of every mount init made, all locked) when init asks.
+    """
     try:
-        # The outer process and init allocate little and live milliseconds: a
-        # collection there would only touch (and so copy) the parent's pages.
+        # Outer and init allocate little: a collection would only touch
+        # (and so copy) the factory's pages.
         gc.disable()
-        _die_with_parent(parent_pid)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if cgroup is not None:
-            cgroup.attach_self()
+        _die_with_parent(factory_pid)
         if spec.privileged:
             _set_oom_score_adj(-1000)
         kernel.unshare(spec.namespaces)
@@ -106,108 +136,219 @@ def run_outer(
             _write_id_maps(
                 "self", f"{spec.uid} {spec.uid} 1", f"{spec.gid} {spec.gid} 1", deny_setgroups=True
             )
-        # init waits until "started" is on the pipe: frames from two processes
-        # must not interleave, and only small writes are atomic.
-        started_r, started_w = os.pipe2(os.O_CLOEXEC)
+        ask_r, ask_w = os.pipe2(os.O_CLOEXEC)
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        lock = _LockNamespace(os.getpid(), _open_path("/proc"), ask_w, done_r)
         init_pid = os.fork()
         if init_pid == 0:
-            os.close(started_w)
-            os.read(started_r, 1)
-            os.close(started_r)
-            _run_init(spec, result_fd, run_test, os.getppid())
-        os.close(started_r)
-        protocol.send(result_fd, "started", {"init_pid": init_pid})
-        os.close(started_w)
-        os.close(result_fd)
+            os.close(ask_r)
+            os.close(done_w)
+            _run_init(spec, cgroup, channel_fd, lock)
+        for fd in (channel_fd, ask_w, done_r, lock.host_proc):
+            os.close(fd)
+        if os.read(ask_r, 1) == b"l":
+            try:
+                kernel.unshare(kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS)
+                os.write(done_w, b"u")
+            except kernel.SandboxSetupError as exc:
+                os.write(done_w, str(exc.errno).encode())
         status = _wait_for(init_pid)
     except BaseException as exc:
-        _report_setup_error(result_fd, exc)
+        _report_setup_error(channel_fd, exc)
         os._exit(EXIT_SETUP_FAILED)
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
-def _run_init(spec: SandboxSpec, result_fd: int, run_test: TestProcess, outer_pid: int) -> NoReturn:
-    """Process B: pid 1 of the sandbox."""
+@dataclass(frozen=True)
+class _LockNamespace:
+    """How init reaches outer, which lives outside init's pid namespace."""
+
+    outer_pid: int
+    host_proc: int  # the host's /proc, opened before init mounts its own
+    ask: int  # init writes b"l" here once its mounts are done
+    done: int  # outer answers b"u" once it unshared, or the errno
+
+
+def _run_init(
+    spec: SandboxSpec, cgroup: SandboxCgroup | None, channel_fd: int, lock: _LockNamespace
+) -> NoReturn:
+    """Init, pid 1 of the sandbox: build it, hand it over, clean up after the test."""
     try:
-        _die_with_parent(outer_pid)
+        _die_with_parent(0)  # outer is outside the pid namespace: getppid() is 0
         scratch_fd, lower_fd = filesystem.set_up(spec.filesystem)
         if spec.hostname is not None:
             kernel.sethostname(spec.hostname)
         if spec.loopback_request is not None:
             network.bring_loopback_up(spec.loopback_request)
+        if cgroup is not None:
+            # Made here, off the pytest process's path; joined only now: a
+            # cpu limit must not slow the set-up down.
+            cgroup.make()
+            cgroup.attach_self()
+        kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at the test's cgroup
+        namespaces = {name: _open_namespace(f"/proc/self/ns/{name}") for name in _own(spec)}
+        if not spec.privileged:
+            namespaces["outer_user"] = _open_namespace("/proc/self/ns/user")
+        namespaces.update(_make_lock_namespace(spec, lock))
+        mounts = {"scratch": scratch_fd}
+        if spec.filesystem.private_tmp:
+            mounts["tmp"] = _open_path("/tmp")
+        pidfd = os.pidfd_open(os.getpid())
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        test_pid = _fork_test(spec, result_fd, scratch_fd, lower_fd, run_test)
+        wakeup = _wake_on_sigchld()
+        names, mount_names = sorted(namespaces), sorted(mounts)
+        fds = [namespaces[n] for n in names] + [mounts[n] for n in mount_names] + [pidfd]
+        body = {"namespaces": names, "mounts": mount_names}
+        channel = socket.socket(fileno=channel_fd)  # kept: collecting it would close the fd
+        socket.send_fds(channel, [protocol.encode("ready", body)], fds)
+        for fd in fds:
+            if fd != scratch_fd:
+                os.close(fd)
     except BaseException as exc:
-        _report_setup_error(result_fd, exc)
+        _report_setup_error(channel_fd, exc)
         os._exit(EXIT_SETUP_FAILED)
     try:
-        status = _reap_until(test_pid)
-        protocol.send(result_fd, "exit", {"status": status})
-        full = _full_filesystems(spec, scratch_fd)
-        if full:
-            protocol.send(result_fd, "full", {"filesystems": full})
-        left = _kill_leftovers()
-        if left:
-            protocol.send(result_fd, "left_running", {"processes": left})
-        if spec.list_writes:
-            protocol.send(result_fd, "writes", writes.list_changes(scratch_fd, lower_fd))
+        if _reap_until_finished(channel_fd, wakeup):
+            left = _kill_leftovers()
+            if left:
+                protocol.send(channel_fd, "left_running", {"processes": left})
+            if spec.list_writes:
+                protocol.send(channel_fd, "writes", writes.list_changes(scratch_fd, lower_fd))
+        else:
+            _kill_leftovers()
     except BaseException:
         traceback.print_exc()
     os._exit(0)
 
 
-def _fork_test(
-    spec: SandboxSpec,
-    result_fd: int,
-    scratch_fd: int,
-    lower_fd: int,
-    run_test: TestProcess,
-) -> int:
-    """Fork process C; write its id maps once it has its own user namespace."""
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    test_pid = os.fork()
-    if test_pid == 0:
-        os.close(ready_r)
-        os.close(go_w)
-        os.close(scratch_fd)
-        os.close(lower_fd)
-        _run_test_process(spec, result_fd, ready_w, go_r, run_test)
-    os.close(ready_w)
-    os.close(go_r)
+def _own(spec: SandboxSpec) -> list[str]:
+    """The namespaces of init's that the test joins (not the host's network)."""
+    names = ["pid", "uts", "ipc", "cgroup"]
+    if spec.namespaces & kernel.CLONE_NEWNET:
+        names.append("net")
+    return names
+
+
+def _open_namespace(path: str, proc_fd: int | None = None) -> int:
     try:
-        if os.read(ready_r, 1) != b"u":
-            raise kernel.SandboxSetupError("test process: unshare(user+mnt)", 1, "it exited first")
-        if spec.privileged:
-            _write_id_maps(str(test_pid), _MAP_ALL_IDS, _MAP_ALL_IDS, deny_setgroups=False)
-        else:
-            _write_id_maps(
-                str(test_pid),
-                f"{spec.uid} {spec.uid} 1",
-                f"{spec.gid} {spec.gid} 1",
-                deny_setgroups=False,
-            )
-        os.write(go_w, b"g")
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+    except OSError as exc:
+        where = path if proc_fd is None else f"/proc/{path} (host)"
+        raise kernel.SandboxSetupError(f"open {where}", exc.errno or 0) from None
+
+
+def _open_path(path: str) -> int:
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise kernel.SandboxSetupError(f"open {path}", exc.errno or 0) from None
+
+
+def _make_lock_namespace(spec: SandboxSpec, lock: _LockNamespace) -> dict[str, int]:
+    """Have outer unshare the lock namespace; write its id maps and open it.
+
+    All ids for root, the user's own otherwise. The descriptors keep the
+    namespaces alive for the test to join.
+    """
+    os.write(lock.ask, b"l")
+    reply = os.read(lock.done, 16)
+    os.close(lock.ask)
+    os.close(lock.done)
+    if reply != b"u":
+        err = int(reply) if reply.isdigit() else errno.ESRCH
+        raise kernel.SandboxSetupError("lock namespace: unshare(user+mnt) in outer", err)
+    outer = str(lock.outer_pid)
+    ids = (_MAP_ALL_IDS, _MAP_ALL_IDS)
+    if not spec.privileged:
+        ids = (f"{spec.uid} {spec.uid} 1", f"{spec.gid} {spec.gid} 1")
+    try:
+        _write_id_maps(outer, *ids, deny_setgroups=False, proc_fd=lock.host_proc)
+        return {
+            "user": _open_namespace(f"{outer}/ns/user", lock.host_proc),
+            "mnt": _open_namespace(f"{outer}/ns/mnt", lock.host_proc),
+        }
     finally:
-        os.close(ready_r)
-        os.close(go_w)
-    return test_pid
+        os.close(lock.host_proc)
 
 
-def _run_test_process(
-    spec: SandboxSpec, result_fd: int, ready_w: int, go_r: int, run_test: TestProcess
+def _wake_on_sigchld() -> int:
+    """A pipe that becomes readable when a child exits, to poll beside the channel."""
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    return wake_r
+
+
+def _reap_until_finished(channel_fd: int, wakeup: int) -> bool:
+    """As pid 1: reap orphans (they are re-parented here) until pytest says the test ended.
+
+    True once pytest said so; False if the channel closed first (pytest
+    discarded this sandbox, or died).
+    """
+    poller = select.poll()
+    poller.register(channel_fd, select.POLLIN)
+    poller.register(wakeup, select.POLLIN)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == wakeup:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wakeup, 4096)
+                _reap_exited()
+            else:
+                return os.read(channel_fd, 1) == FINISHED
+
+
+def _reap_exited() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+# -- in the pytest process's child: the test ---------------------------------
+
+
+def run_test_process(
+    spec: SandboxSpec,
+    namespaces: Mapping[str, int],
+    cgroup: SandboxCgroup | None,
+    result_fd: int,
+    inherited: tuple[int, ...],
+    run_test: TestProcess,
 ) -> NoReturn:
-    """Process C: lock the mounts, drop what the user namespace granted, run the test."""
+    """The pytest process's child: join the prepared sandbox and run the test. Never returns.
+
+    Root's child is already in the sandbox's pid namespace (see
+    :func:`pytest_nsbox.runner.run`). A plain user's joins init's user
+    namespace, which grants the right to join its pid namespace, and forks
+    the test process there; it waits for the test and sends its exit status.
+    ``inherited`` are the parent's descriptors of the sandbox: closed before
+    the test runs.
+    """
     try:
         kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-        kernel.unshare(kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS)
-        os.write(ready_w, b"u")
-        if os.read(go_r, 1) != b"g":
+        if cgroup is not None:
+            cgroup.attach_self()
+        if not spec.privileged:
+            kernel.setns(namespaces["outer_user"], kernel.CLONE_NEWUSER, "outer user namespace")
+            kernel.setns(namespaces["pid"], kernel.CLONE_NEWPID, "pid")
+            test_pid = os.fork()
+            if test_pid != 0:
+                _wait_and_send_status(test_pid, result_fd)
+            kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # The parent is outside the pid namespace (getppid() is 0); init's
+        # number means it already died.
+        if os.getppid() != 0:
             os._exit(EXIT_SETUP_FAILED)
-        os.close(ready_w)
-        os.close(go_r)
-        os.chdir(spec.cwd)  # re-enter the cwd through the overlay, not the host dentry
-        gc.enable()  # the test gets automatic collection back (outer and init went without)
+        for name, nstype in JOIN_ORDER:
+            if name in namespaces:
+                kernel.setns(namespaces[name], nstype, name)
+        for fd in inherited:
+            os.close(fd)
+        os.chdir(spec.cwd)  # enter the cwd through the overlay
         run_test.prepare()
         if not spec.privileged:
             kernel.drop_capabilities()
@@ -227,27 +368,29 @@ def _run_test_process(
     os._exit(0)
 
 
-def _full_filesystems(spec: SandboxSpec, scratch_fd: int) -> list[dict[str, object]]:
-    """The sandbox's size-limited tmpfs mounts that the test filled up."""
-    candidates = [(f"{spec.filesystem.rootdir} (writes to the repo)", os.fstatvfs(scratch_fd))]
-    if spec.filesystem.private_tmp:
-        candidates.append(("/tmp", os.statvfs("/tmp")))
-    return [
-        {"path": path, "size": st.f_blocks * st.f_frsize}
-        for path, st in candidates
-        if st.f_bavail * st.f_frsize < _FULL_MARGIN
-    ]
+def _wait_and_send_status(test_pid: int, result_fd: int) -> NoReturn:
+    """A plain user's first child: report the test process's wait status, then exit."""
+    try:
+        status = _wait_for(test_pid)
+        protocol.send(result_fd, "exit", {"status": status})
+    finally:
+        os._exit(0)
 
 
-def _reap_until(test_pid: int) -> int:
-    """As pid 1: reap every child (orphans are re-parented here) until the test exits."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
-        if pid == test_pid:
-            return status
+def full_filesystems(spec: SandboxSpec, mounts: Mapping[str, int]) -> list[dict[str, object]]:
+    """The sandbox's size-limited tmpfs mounts that the test filled up.
+
+    ``mounts`` are the descriptors init sent: the scratch tmpfs (the repo's
+    upper layer) and the private ``/tmp``; fstatvfs works on them from any
+    mount namespace.
+    """
+    labels = {"scratch": f"{spec.filesystem.rootdir} (writes to the repo)", "tmp": "/tmp"}
+    found = []
+    for name, fd in sorted(mounts.items()):
+        st = os.fstatvfs(fd)
+        if st.f_bavail * st.f_frsize < _FULL_MARGIN:
+            found.append({"path": labels[name], "size": st.f_blocks * st.f_frsize})
+    return found
 
 
 def _kill_leftovers() -> list[list[object]]:
@@ -296,11 +439,15 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_SETUP_FAILED)
 
 
-def _write_id_maps(pid: str, uid_map: str, gid_map: str, *, deny_setgroups: bool) -> None:
+def _write_id_maps(
+    pid: str, uid_map: str, gid_map: str, *, deny_setgroups: bool, proc_fd: int | None = None
+) -> None:
+    """Write /proc/PID's id maps; ``proc_fd``: through that /proc, not the one mounted here."""
+    proc = "/proc" if proc_fd is None else f"/proc/self/fd/{proc_fd}"
     if deny_setgroups:
-        kernel.write_file(f"/proc/{pid}/setgroups", "deny")
-    kernel.write_file(f"/proc/{pid}/uid_map", uid_map)
-    kernel.write_file(f"/proc/{pid}/gid_map", gid_map)
+        kernel.write_file(f"{proc}/{pid}/setgroups", "deny")
+    kernel.write_file(f"{proc}/{pid}/uid_map", uid_map)
+    kernel.write_file(f"{proc}/{pid}/gid_map", gid_map)
 
 
 def _set_oom_score_adj(value: int) -> None:
@@ -324,8 +471,14 @@ def _flush_std() -> None:
 
 def interpreter_paths() -> tuple[str, ...]:
     """What the test's Python needs to keep working: its prefixes and import path."""
+    return _interpreter_paths(tuple(sys.path))
+
+
+@lru_cache(maxsize=8)
+def _interpreter_paths(import_path: tuple[str, ...]) -> tuple[str, ...]:
+    """Resolved once per ``sys.path`` (realpath costs a stat per path component)."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable)}
-    paths.update(p for p in sys.path if p)
+    paths.update(p for p in import_path if p)
     return tuple(sorted(os.path.realpath(p) for p in paths if os.path.exists(p)))
 
 

@@ -1,8 +1,9 @@
-"""One pytest session's sandbox state: options, machine verdicts, cgroups, records.
+"""One pytest session's sandbox state: options, machine verdicts, cgroups, sandboxes, records.
 
 Built once in ``pytest_configure`` and registered as a plugin, so the hooks
 that need the whole session (logreport, terminal summary, session finish)
-are its methods. What the machine can do is asked lazily, the first time a
+are its methods. It owns the session's sandbox factory and the sandbox
+being built for the next test. What the machine can do is asked lazily, the first time a
 test needs it, so a session that sandboxes nothing pays nothing.
 """
 
@@ -15,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from pytest_nsbox import cgroups, outcomes, probe, sandbox, writes
+from pytest_nsbox import cgroups, kernel, outcomes, probe, sandbox, writes
 from pytest_nsbox.config import SandboxSettings, SessionOptions, format_size
+from pytest_nsbox.factory import PendingSandbox, PreparedSandbox, SandboxFactory
 from pytest_nsbox.runner import SandboxRun
 
 TOP_N = 5
@@ -42,6 +44,9 @@ class NsboxSession:
         self._manager: cgroups.CgroupManager | None = None
         self._cgroup_problem: str | None = None
         self._cgroups_asked = False
+        self.factory = SandboxFactory()
+        self._next: PendingSandbox | None = None
+        self._retired: list[cgroups.SandboxCgroup] = []
 
     # -- what this machine can do --------------------------------------------
 
@@ -123,13 +128,75 @@ class NsboxSession:
             list_writes=settings.writes != "ignore",
         )
 
-    def cgroup_for(self, settings: SandboxSettings) -> cgroups.SandboxCgroup | None:
-        manager = self.cgroup_manager()
-        if manager is None:
+    def _limits(self, settings: SandboxSettings) -> cgroups.Limits | None:
+        """The test's cgroup limits; None where there are no cgroups."""
+        if self.cgroup_manager() is None:
             return None
-        return manager.create(cgroups.Limits(settings.memory, settings.cpu, settings.pids))
+        return cgroups.Limits(settings.memory, settings.cpu, settings.pids)
 
-    def release(self, cgroup: cgroups.SandboxCgroup) -> None:
+    def _prepare(self, spec: sandbox.SandboxSpec, limits: cgroups.Limits | None) -> PendingSandbox:
+        manager = self.cgroup_manager()
+        # Only planned here: the sandbox's init makes it.
+        cgroup = manager.plan(limits) if manager is not None and limits is not None else None
+        try:
+            return self.factory.prepare(spec, cgroup)
+        except BaseException:
+            if cgroup is not None:
+                self._retire(cgroup)
+            raise
+
+    def sandbox_for(self, item: pytest.Item, settings: SandboxSettings) -> PreparedSandbox:
+        """The test's sandbox: the one built while the previous test ran, if it fits.
+
+        It fits when it was built from an equal spec with equal limits (the
+        working directory or ``sys.path`` may have changed since it was asked
+        for); else it is discarded and a new one is built now.
+        """
+        spec = self.spec_for(item, settings)
+        limits = self._limits(settings)
+        pending, self._next = self._next, None
+        if pending is not None:
+            if pending.spec == spec and (pending.cgroup and pending.cgroup.limits) == limits:
+                return pending.wait()
+            self._discard(pending)
+        return self._prepare(spec, limits).wait()
+
+    def prepare_next(self, item: pytest.Item, settings: SandboxSettings) -> None:
+        """Ask for the sandbox of the test that runs next, to be built while this one runs.
+
+        A failure here is left for that test to meet when it builds its own.
+        """
+        try:
+            self._next = self._prepare(self.spec_for(item, settings), self._limits(settings))
+        except (kernel.SandboxSetupError, cgroups.CgroupError):
+            self._next = None
+
+    def release(self, prepared: PreparedSandbox) -> None:
+        """After the test: let its init go, and its cgroup once init has left it."""
+        prepared.close()
+        if prepared.cgroup is not None:
+            self._retire(prepared.cgroup)
+
+    def _discard(self, pending: PendingSandbox) -> None:
+        pending.discard()
+        if pending.cgroup is not None:
+            self._retire(pending.cgroup)
+
+    def _retire(self, cgroup: cgroups.SandboxCgroup) -> None:
+        """Remove a finished test's cgroup, one test later.
+
+        When the test's reports are in, its init is only just told to end;
+        a test later its cgroup is empty and rmdir is immediate, where right
+        away it would wait for init's exit. (Removed while the next test
+        runs instead, it slowed that test's start: the parent's page writes
+        then race the child's copy-on-write faults.)
+        """
+        self._retired.append(cgroup)
+        while len(self._retired) > 1:
+            self._remove(self._retired.pop(0))
+
+    @staticmethod
+    def _remove(cgroup: cgroups.SandboxCgroup) -> None:
         cgroup.kill()
         cgroup.remove()
 
@@ -219,6 +286,13 @@ class NsboxSession:
                 json.dump({"version": 1, "tests": self.records}, out, indent=2)
 
     def close(self) -> None:
+        if self._next is not None:
+            self._discard(self._next)
+            self._next = None
+        for cgroup in self._retired:
+            self._remove(cgroup)
+        self._retired.clear()
+        self.factory.close()
         if self._manager is not None:
             self._manager.close()
             self._manager = None

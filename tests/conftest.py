@@ -57,7 +57,8 @@ def run_in_fork_as(user: PlainUser, fn: Callable[[], T]) -> T:
     """Run ``fn`` in a forked child with the user's uid/gid and return its result.
 
     The result (or the exception, re-raised here as RuntimeError with the
-    child's traceback) travels back pickled over a pipe.
+    child's traceback) travels back pickled over a pipe. The interpreter is
+    made reachable first: a sandbox factory starts it anew.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -65,6 +66,7 @@ def run_in_fork_as(user: PlainUser, fn: Callable[[], T]) -> T:
         status = 0
         try:
             os.close(read_end)
+            make_reachable(interpreter_paths())
             os.setgroups([])
             os.setgid(user.gid)
             os.setuid(user.uid)

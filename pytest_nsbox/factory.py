@@ -1,0 +1,286 @@
+"""The sandbox factory: a small process that builds sandboxes ahead of their tests.
+
+What a sandbox costs most is forking: each fork of the pytest process copies
+its page tables and then its pages as they are touched, and a sandbox needs
+three processes (outer, init, test; see :mod:`pytest_nsbox.sandbox`). So
+pytest starts one factory per session, a fresh interpreter of a few MB that
+imports only the sandbox's own modules, and asks it for the sandbox of the
+*next* test while the current one runs. The factory forks outer and init
+from itself (cheap: it is small), init builds the namespaces, mounts and
+network and sends pytest a descriptor of each namespace. For the test,
+pytest forks once, and its child joins them with ``setns``.
+
+Requests go over a SOCK_SEQPACKET socket: a pickled ``(SandboxSpec,
+SandboxCgroup | None)`` and, as SCM_RIGHTS, the init's end of a fresh
+socket pair; pytest keeps the other end and talks to init directly. When
+pytest closes its socket (or dies: the factory has a parent-death signal)
+the factory exits, and every init still waiting sees its channel close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import socket
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pytest_nsbox import kernel, protocol, sandbox
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from pytest_nsbox.cgroups import SandboxCgroup
+
+_MAX_REQUEST = 1 << 20
+# Variables that would have coverage measure the factory itself (it is not the tests' code).
+_COVERAGE_ENV = (
+    "COVERAGE_PROCESS_START",
+    "COV_CORE_SOURCE",
+    "COV_CORE_CONFIG",
+    "COV_CORE_DATAFILE",
+)
+
+
+# -- the factory process -------------------------------------------------------
+
+
+def serve(sock_fd: int, parent_pid: int) -> None:
+    """The factory's loop: one outer process per request, until pytest closes the socket."""
+    kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        return
+    # Ctrl-C reaches the whole process group; pytest decides when the factory ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    requests = socket.socket(fileno=sock_fd)
+    factory_pid = os.getpid()
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(requests, _MAX_REQUEST, 1)
+        except InterruptedError:
+            continue
+        if not data:
+            return
+        spec, cgroup = pickle.loads(data)
+        pid = os.fork()
+        if pid == 0:
+            requests.close()
+            sandbox.run_outer(spec, cgroup, fds[0], factory_pid)
+        for fd in fds:
+            os.close(fd)
+        _reap_exited()
+
+
+def _reap_exited() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+# -- the pytest side -----------------------------------------------------------
+
+
+@dataclass
+class PreparedSandbox:
+    """A built sandbox, as the pytest process holds it: descriptors of init's namespaces.
+
+    ``setup_error`` is set instead when building it failed (the step and
+    the kernel's reason, from init or outer).
+    """
+
+    spec: sandbox.SandboxSpec
+    cgroup: SandboxCgroup | None
+    channel: socket.socket
+    namespaces: dict[str, int] = field(default_factory=dict)
+    mounts: dict[str, int] = field(default_factory=dict)
+    init_pidfd: int | None = None
+    setup_error: dict[str, Any] | None = None
+
+    def descriptors(self) -> tuple[int, ...]:
+        """Every descriptor of this sandbox that the pytest process holds."""
+        own = [self.channel.fileno(), *self.namespaces.values(), *self.mounts.values()]
+        if self.init_pidfd is not None:
+            own.append(self.init_pidfd)
+        return tuple(own)
+
+    def init_pid(self) -> int | None:
+        """Init's process id as the pytest process sees it (from its pidfd's fdinfo)."""
+        if self.init_pidfd is None:
+            return None
+        with open(f"/proc/self/fdinfo/{self.init_pidfd}") as info:
+            for line in info:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+        return None
+
+    def release_namespaces(self) -> None:
+        """Close the namespace descriptors, once the test process has joined them."""
+        for fd in self.namespaces.values():
+            os.close(fd)
+        self.namespaces = {}
+
+    def close(self) -> None:
+        """Let init go: it ends when its channel closes. Closing twice is fine."""
+        self.release_namespaces()
+        for fd in self.mounts.values():
+            os.close(fd)
+        self.mounts = {}
+        if self.init_pidfd is not None:
+            os.close(self.init_pidfd)
+            self.init_pidfd = None
+        self.channel.close()
+
+
+class PendingSandbox:
+    """A sandbox asked for and not yet taken; :meth:`wait` blocks until init is ready."""
+
+    def __init__(
+        self, spec: sandbox.SandboxSpec, cgroup: SandboxCgroup | None, channel: socket.socket
+    ) -> None:
+        self.spec = spec
+        self.cgroup = cgroup
+        self.channel = channel
+
+    def wait(self) -> PreparedSandbox:
+        reader = protocol.FrameReader()
+        received: list[int] = []
+        frames: list[protocol.Frame] = []
+        try:
+            while not frames:
+                data, fds, _, _ = socket.recv_fds(self.channel, 1 << 16, 16)
+                received.extend(fds)
+                if not data:
+                    raise protocol.ProtocolError("the sandbox's init exited before it was ready")
+                frames = reader.feed(data)
+        except (OSError, protocol.ProtocolError) as exc:
+            for fd in received:
+                os.close(fd)
+            return self._failed({"step": "prepare the sandbox", "message": str(exc)})
+        frame = frames[0]
+        if frame.kind != "ready":
+            for fd in received:
+                os.close(fd)
+            return self._failed(frame.body)
+        names = [*frame.body["namespaces"], *frame.body["mounts"]]
+        if len(received) != len(names) + 1:
+            for fd in received:
+                os.close(fd)
+            message = f"init sent {len(received)} descriptors for {len(names) + 1}"
+            return self._failed({"step": "prepare the sandbox", "message": message})
+        by_name = dict(zip(names, received, strict=False))
+        return PreparedSandbox(
+            self.spec,
+            self.cgroup,
+            self.channel,
+            namespaces={name: by_name[name] for name in frame.body["namespaces"]},
+            mounts={name: by_name[name] for name in frame.body["mounts"]},
+            init_pidfd=received[-1],
+        )
+
+    def _failed(self, error: dict[str, Any]) -> PreparedSandbox:
+        return PreparedSandbox(self.spec, self.cgroup, self.channel, setup_error=error)
+
+    def discard(self) -> None:
+        """Give the sandbox up unused: init sees its channel close and exits."""
+        self.channel.close()
+
+
+class SandboxFactory:
+    """Pytest's handle on its factory process, started on the first request."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._requests: socket.socket | None = None
+        self._own_pid_namespace: int | None = None
+        self._channels: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+    @property
+    def own_pid_namespace(self) -> int:
+        """A descriptor of pytest's own pid namespace, to return to after forking a test."""
+        if self._own_pid_namespace is None:
+            self._own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        return self._own_pid_namespace
+
+    def descriptors(self) -> tuple[int, ...]:
+        """The descriptors a test process must not keep: the factory's and every sandbox's."""
+        own = [self._requests.fileno()] if self._requests is not None else []
+        if self._own_pid_namespace is not None:
+            own.append(self._own_pid_namespace)
+        own.extend(fd for fd in (channel.fileno() for channel in self._channels) if fd >= 0)
+        return tuple(own)
+
+    def prepare(self, spec: sandbox.SandboxSpec, cgroup: SandboxCgroup | None) -> PendingSandbox:
+        """Ask for a sandbox; it is built while the caller goes on."""
+        requests = self._started()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            socket.send_fds(requests, [pickle.dumps((spec, cgroup))], [theirs.fileno()])
+        except OSError as exc:
+            ours.close()
+            raise kernel.SandboxSetupError(
+                "send a request to the sandbox factory", exc.errno or 0
+            ) from None
+        finally:
+            theirs.close()
+        self._channels.add(ours)
+        return PendingSandbox(spec, cgroup, ours)
+
+    def _started(self) -> socket.socket:
+        if self._requests is not None:
+            return self._requests
+        ours, theirs = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        import subprocess  # only pytest's side starts processes this way
+
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (
+            f"import sys; sys.path.insert(0, {package_parent!r}); "
+            f"from pytest_nsbox.factory import serve; serve({theirs.fileno()}, {os.getpid()})"
+        )
+        env = {k: v for k, v in os.environ.items() if k not in _COVERAGE_ENV}
+        try:
+            # -I -S: no site-packages, no user environment. The factory needs
+            # only the standard library and this package, and the smaller it
+            # is, the cheaper each fork of it.
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", code],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError as exc:
+            ours.close()
+            raise kernel.SandboxSetupError(
+                f"start the sandbox factory ({sys.executable})", exc.errno or 0
+            ) from None
+        finally:
+            theirs.close()
+        self._requests = ours
+        return ours
+
+    def close(self) -> None:
+        """End the factory: closing its socket ends its loop. Closing twice is fine."""
+        if self._requests is not None:
+            self._requests.close()
+            self._requests = None
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+        if self._own_pid_namespace is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._own_pid_namespace)
+            self._own_pid_namespace = None
