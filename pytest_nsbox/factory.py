@@ -241,18 +241,10 @@ class SandboxFactory:
         )
         import subprocess  # only pytest's side starts processes this way
 
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (
-            f"import sys; sys.path.insert(0, {package_parent!r}); "
-            f"from pytest_nsbox.factory import serve; serve({theirs.fileno()}, {os.getpid()})"
-        )
         env = {k: v for k, v in os.environ.items() if k not in _COVERAGE_ENV}
         try:
-            # -I -S: no site-packages, no user environment. The factory needs
-            # only the standard library and this package, and the smaller it
-            # is, the cheaper each fork of it.
             self._process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", code],
+                self.command(theirs.fileno()),
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -267,6 +259,21 @@ class SandboxFactory:
             theirs.close()
         self._requests = ours
         return ours
+
+    def command(self, sock_fd: int) -> list[str]:
+        """The factory's command line: this interpreter, serving requests on ``sock_fd``.
+
+        -I -S: no site-packages, no user environment. The factory needs only
+        the standard library and this package, and the smaller it is, the
+        cheaper each fork of it. (The benchmark's layer-by-layer rows
+        override this to stub a step out.)
+        """
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (
+            f"import sys; sys.path.insert(0, {package_parent!r}); "
+            f"from pytest_nsbox.factory import serve; serve({sock_fd}, {os.getpid()})"
+        )
+        return [sys.executable, "-I", "-S", "-c", code]
 
     def close(self) -> None:
         """End the factory: closing its socket ends its loop. Closing twice is fine."""
