@@ -160,9 +160,10 @@ def _collect(
 
     While the child lives the parent stays quiet: it sleeps on the child's
     pidfd and empties the pipe (made 1 MiB) only when the child exits or
-    every ``_DRAIN_SECONDS``, instead of waking for each report. Whatever the parent writes while the child lives it pays
-    for twice: the copy-on-write fault, and the page copied. Bytes are
-    only buffered here, decoded after.
+    every ``_DRAIN_SECONDS``, instead of waking for each report. Whatever
+    the parent writes while the child lives it pays for twice: the
+    copy-on-write fault, and the page copied. Bytes are only buffered
+    here, decoded after.
 
     Then the test's pipe closes when everything the test started is gone.
     Init is asked for its report only when it has something to tell: a
