@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pytest_nsbox import kernel, protocol, sandbox
+from pytest_nsbox.kernel import StepError
 
 if TYPE_CHECKING:
     import subprocess
@@ -98,7 +100,7 @@ class PreparedSandbox:
 
     spec: sandbox.SandboxSpec
     cgroup: SandboxCgroup | None
-    channel: socket.socket
+    channel: socket.socket | None
     namespaces: dict[str, int] = field(default_factory=dict)
     mounts: dict[str, int] = field(default_factory=dict)
     init_pidfd: int | None = None
@@ -106,10 +108,20 @@ class PreparedSandbox:
 
     def descriptors(self) -> tuple[int, ...]:
         """Every descriptor of this sandbox that the pytest process holds."""
-        own = [self.channel.fileno(), *self.namespaces.values(), *self.mounts.values()]
+        own = [*self.namespaces.values(), *self.mounts.values()]
+        if self.channel is not None:
+            own.append(self.channel.fileno())
         if self.init_pidfd is not None:
             own.append(self.init_pidfd)
         return tuple(own)
+
+    def alive(self) -> bool:
+        """Whether init still runs (its pidfd turns readable when it exits)."""
+        if self.init_pidfd is None:
+            return False
+        poller = select.poll()
+        poller.register(self.init_pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def init_pid(self) -> int | None:
         """Init's process id as the pytest process sees it (from its pidfd's fdinfo)."""
@@ -136,18 +148,24 @@ class PreparedSandbox:
         if self.init_pidfd is not None:
             os.close(self.init_pidfd)
             self.init_pidfd = None
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
 
 
 class PendingSandbox:
     """A sandbox asked for and not yet taken; :meth:`wait` blocks until init is ready."""
 
     def __init__(
-        self, spec: sandbox.SandboxSpec, cgroup: SandboxCgroup | None, channel: socket.socket
+        self,
+        spec: sandbox.SandboxSpec,
+        cgroup: SandboxCgroup | None,
+        channel: socket.socket,
+        factory: SandboxFactory,
     ) -> None:
         self.spec = spec
         self.cgroup = cgroup
         self.channel = channel
+        self.factory = factory
 
     def wait(self) -> PreparedSandbox:
         reader = protocol.FrameReader()
@@ -158,7 +176,8 @@ class PendingSandbox:
                 data, fds, _, _ = socket.recv_fds(self.channel, 1 << 16, 16)
                 received.extend(fds)
                 if not data:
-                    raise protocol.ProtocolError("the sandbox's init exited before it was ready")
+                    why = self.factory.problem() or "the sandbox's init exited"
+                    raise protocol.ProtocolError(f"{why} before the sandbox was ready")
                 frames = reader.feed(data)
         except (OSError, protocol.ProtocolError) as exc:
             for fd in received:
@@ -193,6 +212,13 @@ class PendingSandbox:
         self.channel.close()
 
 
+def failed_sandbox(
+    spec: sandbox.SandboxSpec, cgroup: SandboxCgroup | None, exc: StepError
+) -> PreparedSandbox:
+    """A sandbox that could not even be asked for: the step that failed, as a setup error."""
+    return PreparedSandbox(spec, cgroup, None, setup_error={"step": exc.step, "message": str(exc)})
+
+
 class SandboxFactory:
     """Pytest's handle on its factory process, started on the first request."""
 
@@ -201,6 +227,8 @@ class SandboxFactory:
         self._requests: socket.socket | None = None
         self._own_pid_namespace: int | None = None
         self._channels: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        #: How the last factory that was replaced ended, for the messages of its sandboxes.
+        self.last_death: str | None = None
 
     @property
     def own_pid_namespace(self) -> int:
@@ -217,8 +245,24 @@ class SandboxFactory:
         own.extend(fd for fd in (channel.fileno() for channel in self._channels) if fd >= 0)
         return tuple(own)
 
+    def problem(self) -> str | None:
+        """Why the factory cannot answer (it exited), or None."""
+        if self._process is None or self._process.poll() is None:
+            return None
+        status = self._process.returncode
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        return f"the sandbox factory (pid {self._process.pid}) {how}"
+
     def prepare(self, spec: sandbox.SandboxSpec, cgroup: SandboxCgroup | None) -> PendingSandbox:
-        """Ask for a sandbox; it is built while the caller goes on."""
+        """Ask for a sandbox; it is built while the caller goes on.
+
+        A factory that has died since the last request is replaced by a new
+        one (the sandboxes it was building report its end).
+        """
+        problem = self.problem()
+        if problem is not None:
+            self.last_death = problem
+            self._stop()
         requests = self._started()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -226,12 +270,12 @@ class SandboxFactory:
         except OSError as exc:
             ours.close()
             raise kernel.SandboxSetupError(
-                "send a request to the sandbox factory", exc.errno or 0
+                "send a request to the sandbox factory", exc.errno or 0, self.problem() or ""
             ) from None
         finally:
             theirs.close()
         self._channels.add(ours)
-        return PendingSandbox(spec, cgroup, ours)
+        return PendingSandbox(spec, cgroup, ours, self)
 
     def _started(self) -> socket.socket:
         if self._requests is not None:
@@ -277,6 +321,13 @@ class SandboxFactory:
 
     def close(self) -> None:
         """End the factory: closing its socket ends its loop. Closing twice is fine."""
+        self._stop()
+        if self._own_pid_namespace is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._own_pid_namespace)
+            self._own_pid_namespace = None
+
+    def _stop(self) -> None:
         if self._requests is not None:
             self._requests.close()
             self._requests = None
@@ -287,7 +338,3 @@ class SandboxFactory:
                 self._process.kill()
                 self._process.wait()
             self._process = None
-        if self._own_pid_namespace is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._own_pid_namespace)
-            self._own_pid_namespace = None

@@ -77,52 +77,44 @@ def run(
     KeyboardInterrupt the sandbox is killed and the interrupt re-raised.
     """
     result = SandboxRun(timeout=timeout)
-    if prepared.setup_error is not None:
-        result.frames.append(protocol.Frame("setup_error", prepared.setup_error))
+    if prepared.setup_error is not None or prepared.channel is None:
+        error = prepared.setup_error or {"step": "prepare", "message": "no sandbox"}
+        result.frames.append(protocol.Frame("setup_error", error))
         return result
+    channel = prepared.channel.fileno()
     spec = prepared.spec
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     os.set_blocking(read_fd, False)
     with contextlib.suppress(OSError):  # a larger pipe: the parent empties it rarely
         fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    # Everything the child needs is built here: what the child runs of
+    # Python between fork and test, it pays for in copied pages.
+    closing = tuple({*factory.descriptors(), *prepared.descriptors()})
+    test_process = run_test(write_fd)
     started = time.monotonic()
-    with warnings.catch_warnings():
-        # Python 3.12+ warns about fork() in a multi-threaded process (a
-        # pytest-xdist worker). The child never touches another thread's
-        # state: it runs the test and talks only through its own pipe.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # Frozen objects are never traversed by a collection, the child's or
-        # (until the child is gone) the parent's, so their pages stay shared
-        # instead of being copied (fork's copy-on-write).
-        gc.freeze()
-        if spec.privileged:
-            kernel.setns(prepared.namespaces["pid"], kernel.CLONE_NEWPID, "pid, for the test")
-        try:
-            pid = os.fork()
-        except BaseException:
-            pid = -1
-            gc.unfreeze()
-            raise
-        finally:
-            if spec.privileged and pid != 0:
-                # Only the parent goes back; the child is pid 2 of the sandbox.
-                kernel.setns(factory.own_pid_namespace, kernel.CLONE_NEWPID, "pytest's own pid")
+    # Frozen objects are never traversed by a collection, the child's or
+    # (until the child is gone) the parent's, so their pages stay shared
+    # instead of being copied (fork's copy-on-write).
+    gc.freeze()
+    try:
+        pid = _fork_into(prepared, factory)
+    except kernel.SandboxSetupError as exc:
+        gc.unfreeze()
+        os.close(read_fd)
+        os.close(write_fd)
+        result.frames.append(protocol.Frame("setup_error", {"step": exc.step, "message": str(exc)}))
+        return result
     if pid == 0:
         os.close(read_fd)
         sandbox.run_test_process(
-            spec,
-            prepared.namespaces,
-            prepared.cgroup,
-            write_fd,
-            tuple({*factory.descriptors(), *prepared.descriptors()}),
-            run_test(write_fd),
+            spec, prepared.namespaces, prepared.cgroup, write_fd, closing, test_process
         )
     os.close(write_fd)
-    streams = {read_fd: bytearray(), prepared.channel.fileno(): bytearray()}
+    streams = {read_fd: bytearray(), channel: bytearray()}
     try:
         pidfd = os.pidfd_open(pid)
         try:
-            _collect(read_fd, streams, pidfd, pid, prepared, result, started, timeout)
+            _collect(read_fd, channel, streams, pidfd, pid, prepared, result, started, timeout)
         finally:
             os.close(pidfd)
     except BaseException:
@@ -146,8 +138,37 @@ def run(
     return result
 
 
+def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
+    """fork(); root's child is born in the sandbox's pid namespace, the parent stays in its own."""
+    privileged = prepared.spec.privileged
+    if privileged:
+        kernel.setns(prepared.namespaces["pid"], kernel.CLONE_NEWPID, "pid, for the test")
+    pid = -1
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork() in a multi-threaded process (a
+            # pytest-xdist worker). The child never touches another thread's
+            # state: it runs the test and talks only through its own pipe.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        return pid
+    except OSError as exc:
+        # A pid namespace whose init has exited takes no new process: ENOMEM.
+        detail = ""
+        if not prepared.alive():
+            death = factory.problem() or factory.last_death
+            detail = "; ".join(filter(None, ["the sandbox's init has exited", death]))
+        step = "fork the test process into the sandbox"
+        raise kernel.SandboxSetupError(step, exc.errno or 0, detail) from None
+    finally:
+        if privileged and pid != 0:
+            # Only the parent goes back; the child is pid 2 of the sandbox.
+            kernel.setns(factory.own_pid_namespace, kernel.CLONE_NEWPID, "pytest's own pid")
+
+
 def _collect(
     read_fd: int,
+    channel: int,
     streams: dict[int, bytearray],
     pidfd: int,
     pid: int,
@@ -170,7 +191,6 @@ def _collect(
     listing of the writes, or processes left in the cgroup besides itself
     (without a cgroup, always); it ends when its channel closes.
     """
-    channel = prepared.channel.fileno()
     deadline = None if timeout is None else started + timeout
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)

@@ -18,7 +18,7 @@ import pytest
 
 from pytest_nsbox import cgroups, kernel, outcomes, probe, sandbox, writes
 from pytest_nsbox.config import SandboxSettings, SessionOptions, format_size
-from pytest_nsbox.factory import PendingSandbox, PreparedSandbox, SandboxFactory
+from pytest_nsbox.factory import PendingSandbox, PreparedSandbox, SandboxFactory, failed_sandbox
 from pytest_nsbox.runner import SandboxRun
 
 TOP_N = 5
@@ -150,16 +150,23 @@ class NsboxSession:
 
         It fits when it was built from an equal spec with equal limits (the
         working directory or ``sys.path`` may have changed since it was asked
-        for); else it is discarded and a new one is built now.
+        for) and its init still runs; else a new one is built now.
         """
         spec = self.spec_for(item, settings)
         limits = self._limits(settings)
         pending, self._next = self._next, None
         if pending is not None:
             if pending.spec == spec and (pending.cgroup and pending.cgroup.limits) == limits:
-                return pending.wait()
-            self._discard(pending)
-        return self._prepare(spec, limits).wait()
+                prepared = pending.wait()
+                if prepared.setup_error is not None or prepared.alive():
+                    return prepared
+                self.release(prepared)  # its init died meanwhile (with a factory that died?)
+            else:
+                self._discard(pending)
+        try:
+            return self._prepare(spec, limits).wait()
+        except kernel.StepError as exc:  # the factory could not be started or asked
+            return failed_sandbox(spec, None, exc)
 
     def prepare_next(self, item: pytest.Item, settings: SandboxSettings) -> None:
         """Ask for the sandbox of the test that runs next, to be built while this one runs.
@@ -168,7 +175,7 @@ class NsboxSession:
         """
         try:
             self._next = self._prepare(self.spec_for(item, settings), self._limits(settings))
-        except (kernel.SandboxSetupError, cgroups.CgroupError):
+        except kernel.StepError:
             self._next = None
 
     def release(self, prepared: PreparedSandbox) -> None:
