@@ -634,6 +634,17 @@ class SandboxCgroup(ABC):
         """
         return _kill_all(self._procs_files, self._kill_file)
 
+    def remove_if_empty(self) -> bool:
+        """rmdir the cgroup in every hierarchy if nothing is in it; True if it is gone."""
+        for path in self.paths:
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+        return True
+
     def remove(self) -> None:
         """rmdir the cgroup in every hierarchy; removing it twice is fine."""
         for path in self.paths:

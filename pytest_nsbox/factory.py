@@ -123,16 +123,6 @@ class PreparedSandbox:
         poller.register(self.init_pidfd, select.POLLIN)
         return not poller.poll(0)
 
-    def init_pid(self) -> int | None:
-        """Init's process id as the pytest process sees it (from its pidfd's fdinfo)."""
-        if self.init_pidfd is None:
-            return None
-        with open(f"/proc/self/fdinfo/{self.init_pidfd}") as info:
-            for line in info:
-                if line.startswith("Pid:"):
-                    return int(line.split()[1])
-        return None
-
     def release_namespaces(self) -> None:
         """Close the namespace descriptors, once the test process has joined them."""
         for fd in self.namespaces.values():

@@ -233,10 +233,15 @@ def _collect(
 
 
 def _init_has_news(prepared: PreparedSandbox) -> bool:
-    """Whether init has something to report now that the test process is gone."""
+    """Whether init has something to report now that the test process is gone.
+
+    The cgroup holds init and whatever the test left running: more than one
+    process means leftovers. (If init is gone there is no report to ask for,
+    and its pid namespace took the rest with it.)
+    """
     if prepared.spec.list_writes or prepared.cgroup is None:
         return True
-    return bool(prepared.cgroup.processes() - {prepared.init_pid()})
+    return len(prepared.cgroup.processes()) > 1
 
 
 def _drain(fd: int, buffer: bytearray) -> None:

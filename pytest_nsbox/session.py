@@ -204,8 +204,9 @@ class NsboxSession:
 
     @staticmethod
     def _remove(cgroup: cgroups.SandboxCgroup) -> None:
-        cgroup.kill()
-        cgroup.remove()
+        if not cgroup.remove_if_empty():
+            cgroup.kill()
+            cgroup.remove()
 
     def timeout_for(self, item: pytest.Item, settings: SandboxSettings) -> float | None:
         candidates = [t for t in (settings.timeout, self.plugin_timeouts.get(item.nodeid)) if t]

@@ -8,20 +8,38 @@ Loaded with ``-p nsbench.steps_plugin``; ``$NSBENCH_STEP`` picks what each test 
     with ``pytest_report_to_serializable`` and writes them as JSON to a pipe;
     the parent reads them back, waits for the child, and logs the reports.
 ``ns``
-    The nsbox engine (``pytest_nsbox.runner.run`` and ``pytest_nsbox.sandbox``,
-    with ``pytest_nsbox.childrun.SandboxedItem`` as the test process), every
-    namespace the full sandbox uses, lo left down, and ``filesystem.set_up``
-    replaced by a stub that only makes the mounts private and mounts the new
-    ``/proc`` (the pid namespace's init lists ``/proc`` when the test ends).
+    The nsbox engine as the plugin drives it, without the plugin: one
+    ``pytest_nsbox.factory.SandboxFactory`` per session (closed in
+    ``pytest_unconfigure``); the sandbox of the *next* test asked for with
+    ``prepare()`` before the current test is forked, so it is built while that
+    test runs; ``pending.wait()``, then ``pytest_nsbox.runner.run(prepared,
+    ...)`` forks the test process once into it, with
+    ``pytest_nsbox.childrun.SandboxedItem`` as its work, and
+    ``prepared.close()`` after (``pytest_nsbox.plugin._run_sandboxed`` and
+    ``pytest_nsbox.session``'s ``sandbox_for`` / ``prepare_next`` /
+    ``release``, without the settings, usage, outcomes and records). The
+    SandboxSpec is ``--nsbox``'s (mnt/pid/net/uts/ipc, init's cgroup
+    namespace, the lock namespace), with lo left down and no hostname. The
+    factory is :class:`NamespacesOnlyFactory`: its interpreter imports
+    :mod:`nsbench.ns_stub` before ``serve``, which replaces
+    ``filesystem.set_up`` there with a stub that only makes the mounts private
+    and mounts the new ``/proc`` (the pid namespace's init lists ``/proc``
+    when the test ends). Without a cgroup, ``runner.run`` waits for init's
+    check for processes left running before it returns.
 ``overlay``
-    ``ns`` with the real ``filesystem.set_up``: overlay on the rootdir,
-    private ``/tmp`` and ``/dev/shm``, pytest's basetemp bound through.
+    ``ns`` with the plain ``SandboxFactory``, so the real ``filesystem.set_up``:
+    overlay on the rootdir, private ``/tmp`` and ``/dev/shm``, pytest's basetemp
+    bound through.
 ``lo``
     ``overlay`` plus bringing ``lo`` up with the prebuilt netlink request.
 ``cgroup``
-    ``lo`` plus a per-test cgroup from ``pytest_nsbox.cgroups`` with the
-    limits memory=256m, cpu=1, pids=64, attached in the child, killed and
-    removed after, as the plugin does, but without the plugin's bookkeeping.
+    ``lo`` plus a per-test cgroup: ``manager.plan(Limits(256 MiB, 1 cpu, 64
+    pids))`` per test (``pytest_nsbox.cgroups.open_manager()`` once), passed to
+    ``prepare()``: the sandbox's init makes it and joins it, the test process
+    joins it; ``kill()`` + ``remove()`` one test later, as the plugin's session
+    does. Also the hostname the plugin gives each test (``nsbox-<test name>``,
+    so a spec per test). With a cgroup, ``runner.run`` reads the cgroup's
+    processes instead of waiting for init.
 
 The parent side of every step is the same few lines (log start, run, log the
 reports, log finish), so the rows differ only in how the test process is made.
@@ -33,12 +51,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from _pytest.runner import runtestprotocol
 
+import pytest_nsbox
+from pytest_nsbox import childrun, runner
+from pytest_nsbox.cgroups import CgroupManager, Limits, SandboxCgroup
+from pytest_nsbox.config import SandboxSettings
+from pytest_nsbox.factory import PendingSandbox, PreparedSandbox, SandboxFactory
+from pytest_nsbox.sandbox import SandboxSpec
+
 STEPS = ("fork", "ns", "overlay", "lo", "cgroup")
+LIMITS = Limits(256 * 1024 * 1024, 1.0, 64)
+BENCH_DIR = str(Path(__file__).resolve().parent.parent)
 _state: dict[str, Any] = {}
 
 
@@ -54,19 +83,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    manager = _state.pop("cgroup_manager", None)
-    if manager is not None:
-        manager.close()
+    engine = _state.pop("engine", None)
+    if engine is not None:
+        engine.close()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool:
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    if _state["step"] == "fork":
-        reports = _run_forked(item)
-    else:
-        reports = _run_in_engine(item, _state["step"])
+    step = _state["step"]
+    reports = _run_forked(item) if step == "fork" else _run_in_engine(item, nextitem)
     for report in reports:
         ihook.pytest_runtest_logreport(report=report)
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
@@ -122,19 +149,28 @@ def _read_all(fd: int) -> bytes:
 # -- the nsbox engine, one layer at a time -----------------------------------
 
 
-def _stub_set_up(plan: Any) -> tuple[int, int]:
-    """``filesystem.set_up`` reduced to what a pid namespace needs: private mounts, a new /proc."""
-    from pytest_nsbox import kernel
+class NamespacesOnlyFactory(SandboxFactory):
+    """The factory of the "ns" row: its interpreter stubs ``filesystem.set_up`` out first.
 
-    kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, None)
-    kernel.mount("proc", "/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV, None)
-    lower_fd = os.open(plan.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    return os.dup(lower_fd), lower_fd
+    The same interpreter and flags as :meth:`SandboxFactory.command` (``-I -S``:
+    no site-packages, so both this package's and the benchmarks' directories
+    go on ``sys.path`` explicitly); :mod:`nsbench.ns_stub` is imported before
+    ``serve``, so every outer and init it forks runs the stub.
+    """
+
+    def command(self, sock_fd: int) -> list[str]:
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(pytest_nsbox.__file__)))
+        code = (
+            f"import sys; sys.path[:0] = [{package_parent!r}, {BENCH_DIR!r}]; "
+            "import nsbench.ns_stub; "
+            f"from pytest_nsbox.factory import serve; serve({sock_fd}, {os.getpid()})"
+        )
+        return [sys.executable, "-I", "-S", "-c", code]
 
 
-def _engine_spec(config: pytest.Config, step: str) -> Any:
+def _engine_spec(config: pytest.Config, step: str, settings: SandboxSettings) -> SandboxSpec:
     """The SandboxSpec of this step, built once per session as the plugin builds its own."""
-    from pytest_nsbox import filesystem, probe, sandbox
+    from pytest_nsbox import probe, sandbox
 
     caps = probe.probe()
     if not caps.usable:
@@ -147,48 +183,114 @@ def _engine_spec(config: pytest.Config, step: str) -> Any:
         privileged=caps.privileged,
         isolate_network=True,
         hostname=None,
-        private_tmp=True,
-        tmp_size=probe.DEFAULT_TMP_SIZE,
+        private_tmp=settings.tmp == "private",
+        tmp_size=settings.tmp_size,
         passthrough=passthrough,
         list_writes=False,
     )
     if step in ("ns", "overlay"):
         spec = dataclasses.replace(spec, loopback_request=None)
-    if step == "ns":
-        filesystem.set_up = _stub_set_up
     return spec
 
 
-def _cgroup(config: pytest.Config) -> Any:
-    from pytest_nsbox import cgroups
+class _Engine:
+    """One session's engine state, kept as ``pytest_nsbox.session.NsboxSession`` keeps it.
 
-    if "cgroup_manager" not in _state:
-        _state["cgroup_manager"] = cgroups.open_manager()
-    return _state["cgroup_manager"].create(cgroups.Limits(256 * 1024 * 1024, 1.0, 64))
+    The factory, the sandbox asked for the next test, and (the cgroup row) the
+    cgroup manager and the cgroup of the test before, removed one test later.
+    """
+
+    def __init__(self, config: pytest.Config, step: str) -> None:
+        from pytest_nsbox import cgroups
+
+        self.step = step
+        self.settings = SandboxSettings()
+        self.spec = _engine_spec(config, step, self.settings)
+        self.manager: CgroupManager | None = cgroups.open_manager() if step == "cgroup" else None
+        self.factory = NamespacesOnlyFactory() if step == "ns" else SandboxFactory()
+        self.next: PendingSandbox | None = None
+        self.retired: list[SandboxCgroup] = []
+
+    def spec_for(self, item: pytest.Item) -> SandboxSpec:
+        if self.step != "cgroup":
+            return self.spec
+        return dataclasses.replace(self.spec, hostname=self.settings.hostname_for(item.nodeid))
+
+    def _prepare(self, spec: SandboxSpec) -> PendingSandbox:
+        # Only planned here: the sandbox's init makes it.
+        cgroup = self.manager.plan(LIMITS) if self.manager is not None else None
+        try:
+            return self.factory.prepare(spec, cgroup)
+        except BaseException:
+            if cgroup is not None:
+                self._retire(cgroup)
+            raise
+
+    def sandbox_for(self, item: pytest.Item) -> PreparedSandbox:
+        """The sandbox built while the previous test ran, if its spec fits; else one now."""
+        spec = self.spec_for(item)
+        pending, self.next = self.next, None
+        if pending is not None:
+            if pending.spec == spec:
+                return pending.wait()
+            self._discard(pending)
+        return self._prepare(spec).wait()
+
+    def prepare_next(self, nextitem: pytest.Item | None) -> None:
+        if nextitem is not None:
+            self.next = self._prepare(self.spec_for(nextitem))
+
+    def release(self, prepared: PreparedSandbox) -> None:
+        prepared.close()
+        if prepared.cgroup is not None:
+            self._retire(prepared.cgroup)
+
+    def _discard(self, pending: PendingSandbox) -> None:
+        pending.discard()
+        if pending.cgroup is not None:
+            self._retire(pending.cgroup)
+
+    def _retire(self, cgroup: SandboxCgroup) -> None:
+        self.retired.append(cgroup)
+        while len(self.retired) > 1:
+            old = self.retired.pop(0)
+            old.kill()
+            old.remove()
+
+    def close(self) -> None:
+        try:
+            if self.next is not None:
+                self._discard(self.next)
+                self.next = None
+            for cgroup in self.retired:
+                cgroup.kill()
+                cgroup.remove()
+            self.retired.clear()
+        finally:
+            self.factory.close()
+            if self.manager is not None:
+                self.manager.close()
 
 
-def _run_in_engine(item: pytest.Item, step: str) -> list[pytest.TestReport]:
-    from pytest_nsbox import childrun, runner
-    from pytest_nsbox.config import SandboxSettings
-
+def _run_in_engine(item: pytest.Item, nextitem: pytest.Item | None) -> list[pytest.TestReport]:
     config = item.config
-    if "spec" not in _state:
-        _state["spec"] = _engine_spec(config, step)
-    cgroup = _cgroup(config) if step == "cgroup" else None
-    settings = SandboxSettings()
+    engine = _state.get("engine")
+    if engine is None:
+        engine = _state["engine"] = _Engine(config, _state["step"])
+    prepared = engine.sandbox_for(item)
+    # Asked for now, the next test's sandbox is built while this one runs.
+    engine.prepare_next(nextitem)
     try:
         run = runner.run(
-            _state["spec"],
-            lambda fd: childrun.SandboxedItem(item, settings, fd),
-            cgroup=cgroup,
+            prepared,
+            lambda fd: childrun.SandboxedItem(item, engine.settings, fd),
+            factory=engine.factory,
             timeout=None,
         )
     finally:
-        if cgroup is not None:
-            cgroup.kill()
-            cgroup.remove()
+        engine.release(prepared)
     problem = run.first("setup_error") or run.protocol_error
     reports = run.bodies("report")
     if problem or not reports:
-        raise RuntimeError(f"sandbox step {step!r} failed: {problem or run.frames}")
+        raise RuntimeError(f"sandbox step {engine.step!r} failed: {problem or run.frames}")
     return [config.hook.pytest_report_from_serializable(config=config, data=r) for r in reports]
