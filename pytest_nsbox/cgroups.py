@@ -30,7 +30,6 @@ import itertools
 import os
 import re
 import signal
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -466,6 +465,8 @@ def _locked() -> Iterator[None]:
     handlers that ran on every fork of the pytest process, about 1 ms per
     sandboxed test on a 2-core VM (measured in the fork-only benchmark row).
     """
+    import tempfile  # here: the factory unpickles cgroups but never locks, and starts faster
+
     path = os.path.join(tempfile.gettempdir(), f"pytest-nsbox-cgroups-{os.geteuid()}.lock")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -47,8 +47,12 @@ class _NoOp:
         return None
 
 
-def try_sandbox(privileged: bool) -> str | None:
-    """Run one no-op sandbox; None when it worked, else what failed."""
+def try_sandbox(privileged: bool, factory: SandboxFactory | None = None) -> str | None:
+    """Run one no-op sandbox; None when it worked, else what failed.
+
+    ``factory``: the session's, so that a session starts one factory; by
+    default one of the probe's own.
+    """
     top = tempfile.mkdtemp(prefix="pytest-nsbox-probe-")
     try:
         repo = os.path.join(top, "repo")
@@ -64,15 +68,17 @@ def try_sandbox(privileged: bool) -> str | None:
             passthrough=(),
             list_writes=False,
         )
-        factory = SandboxFactory()
+        own = factory is None
+        used = SandboxFactory() if factory is None else factory
         try:
-            prepared = factory.prepare(spec, None).wait()
+            prepared = used.prepare(spec, None).wait()
             try:
-                result = runner.run(prepared, lambda fd: _NoOp(), factory=factory, timeout=30)
+                result = runner.run(prepared, lambda fd: _NoOp(), factory=used, timeout=30)
             finally:
                 prepared.close()
         finally:
-            factory.close()
+            if own:
+                used.close()
     except kernel.SandboxSetupError as exc:
         return str(exc)
     finally:
@@ -87,10 +93,15 @@ def try_sandbox(privileged: bool) -> str | None:
 
 @lru_cache(maxsize=1)
 def probe() -> Capabilities:
+    """:func:`verdict` once per process, through a factory of the probe's own."""
+    return verdict()
+
+
+def verdict(factory: SandboxFactory | None = None) -> Capabilities:
     """Try the privileged sequence as root, else the rootless one."""
     failures = []
     for privileged in [True, False] if os.geteuid() == 0 else [False]:
-        problem = try_sandbox(privileged)
+        problem = try_sandbox(privileged, factory)
         if problem is None:
             # Init adds the cgroup namespace, the lock namespace a user namespace.
             flags = (

@@ -45,6 +45,7 @@ class NsboxSession:
         self._cgroup_problem: str | None = None
         self._cgroups_asked = False
         self.factory = SandboxFactory()
+        self._capabilities: probe.Capabilities | None = None
         self._next: PendingSandbox | None = None
         self._retired: list[cgroups.SandboxCgroup] = []
 
@@ -55,7 +56,10 @@ class NsboxSession:
         return str(self.config.rootpath)
 
     def capabilities(self) -> probe.Capabilities:
-        return probe.probe()
+        """What this machine can do, asked once per session through the session's factory."""
+        if self._capabilities is None:
+            self._capabilities = probe.verdict(self.factory)
+        return self._capabilities
 
     def cgroup_manager(self) -> cgroups.CgroupManager | None:
         """Opened on first use; None (with the reason kept) where cgroups can't be used."""
