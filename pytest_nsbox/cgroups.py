@@ -620,9 +620,9 @@ class SandboxCgroup(ABC):
                     f"attach: write {self._attach_file}=0 to {where}", exc.errno or errno.EIO
                 ) from None
 
-    def processes(self) -> set[int]:
-        """The processes in the cgroup (every hierarchy holds the same ones)."""
-        return _procs(self._procs_files[:1])
+    @abstractmethod
+    def task_count(self) -> int:
+        """How many tasks the cgroup and the cgroups a test made below it hold (pids.current)."""
 
     @abstractmethod
     def usage(self) -> Usage:
@@ -796,6 +796,10 @@ class _SandboxV2(SandboxCgroup):
         super().__init__(limits, (path,), settings, kill_file)
         self._files = files
 
+    def task_count(self) -> int:
+        (path,) = self.paths
+        return _read_int(f"{path}/pids.current")
+
     def usage(self) -> Usage:
         (path,) = self.paths
         memory = _keyed(_read(f"{path}/memory.events"))
@@ -901,6 +905,9 @@ class _SandboxV1(SandboxCgroup):
         # first write often waits ~10 ms for an RCU grace period (0.13 ms here).
         super().__init__(limits, paths, settings, None, attach_file="tasks")
         self._layout = layout
+
+    def task_count(self) -> int:
+        return _read_int(f"{self.paths[self._layout.pids]}/pids.current")
 
     def usage(self) -> Usage:
         layout = self._layout

@@ -62,7 +62,7 @@ def serve(sock_fd: int, parent_pid: int) -> None:
     factory_pid = os.getpid()
     while True:
         try:
-            data, fds, _, _ = socket.recv_fds(requests, _MAX_REQUEST, 1)
+            data, fds, _, _ = socket.recv_fds(requests, _MAX_REQUEST, 1, socket.MSG_CMSG_CLOEXEC)
         except InterruptedError:
             continue
         if not data:
@@ -105,6 +105,7 @@ class PreparedSandbox:
     mounts: dict[str, int] = field(default_factory=dict)
     init_pidfd: int | None = None
     setup_error: dict[str, Any] | None = None
+    factory_pid: int | None = None  # the factory process that built it
 
     def descriptors(self) -> tuple[int, ...]:
         """Every descriptor of this sandbox that the pytest process holds."""
@@ -156,6 +157,7 @@ class PendingSandbox:
         self.cgroup = cgroup
         self.channel = channel
         self.factory = factory
+        self.factory_pid = factory.pid
 
     def wait(self) -> PreparedSandbox:
         reader = protocol.FrameReader()
@@ -163,11 +165,12 @@ class PendingSandbox:
         frames: list[protocol.Frame] = []
         try:
             while not frames:
-                data, fds, _, _ = socket.recv_fds(self.channel, 1 << 16, 16)
+                data, fds, _, _ = socket.recv_fds(
+                    self.channel, 1 << 16, 16, socket.MSG_CMSG_CLOEXEC
+                )
                 received.extend(fds)
                 if not data:
-                    why = self.factory.problem() or "the sandbox's init exited"
-                    raise protocol.ProtocolError(f"{why} before the sandbox was ready")
+                    raise protocol.ProtocolError("the sandbox's init exited before it was ready")
                 frames = reader.feed(data)
         except (OSError, protocol.ProtocolError) as exc:
             for fd in received:
@@ -192,10 +195,16 @@ class PendingSandbox:
             namespaces={name: by_name[name] for name in frame.body["namespaces"]},
             mounts={name: by_name[name] for name in frame.body["mounts"]},
             init_pidfd=received[-1],
+            factory_pid=self.factory_pid,
         )
 
     def _failed(self, error: dict[str, Any]) -> PreparedSandbox:
-        return PreparedSandbox(self.spec, self.cgroup, self.channel, setup_error=error)
+        death = self.factory.death(self.factory_pid)
+        if death is not None:  # the factory's end is why outer or init gave up
+            error = {**error, "message": f"{error['message']}; {death}"}
+        return PreparedSandbox(
+            self.spec, self.cgroup, self.channel, setup_error=error, factory_pid=self.factory_pid
+        )
 
     def discard(self) -> None:
         """Give the sandbox up unused: init sees its channel close and exits."""
@@ -217,8 +226,7 @@ class SandboxFactory:
         self._requests: socket.socket | None = None
         self._own_pid_namespace: int | None = None
         self._channels: weakref.WeakSet[socket.socket] = weakref.WeakSet()
-        #: How the last factory that was replaced ended, for the messages of its sandboxes.
-        self.last_death: str | None = None
+        self._deaths: dict[int, str] = {}  # factory pid -> how it ended
 
     @property
     def own_pid_namespace(self) -> int:
@@ -235,13 +243,16 @@ class SandboxFactory:
         own.extend(fd for fd in (channel.fileno() for channel in self._channels) if fd >= 0)
         return tuple(own)
 
-    def problem(self) -> str | None:
-        """Why the factory cannot answer (it exited), or None."""
-        if self._process is None or self._process.poll() is None:
-            return None
-        status = self._process.returncode
-        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        return f"the sandbox factory (pid {self._process.pid}) {how}"
+    def death(self, pid: int | None) -> str | None:
+        """How the factory process ``pid`` ended, if it did: for its sandboxes' messages."""
+        process = self._process
+        if process is not None and process.pid == pid and process.poll() is not None:
+            status = process.returncode
+            how = (
+                f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            )
+            self._deaths[process.pid] = f"the sandbox factory (pid {process.pid}) {how}"
+        return self._deaths.get(pid) if pid is not None else None
 
     def prepare(self, spec: sandbox.SandboxSpec, cgroup: SandboxCgroup | None) -> PendingSandbox:
         """Ask for a sandbox; it is built while the caller goes on.
@@ -249,9 +260,7 @@ class SandboxFactory:
         A factory that has died since the last request is replaced by a new
         one (the sandboxes it was building report its end).
         """
-        problem = self.problem()
-        if problem is not None:
-            self.last_death = problem
+        if self.death(self.pid) is not None:
             self._stop()
         requests = self._started()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -260,12 +269,17 @@ class SandboxFactory:
         except OSError as exc:
             ours.close()
             raise kernel.SandboxSetupError(
-                "send a request to the sandbox factory", exc.errno or 0, self.problem() or ""
+                "send a request to the sandbox factory", exc.errno or 0, self.death(self.pid) or ""
             ) from None
         finally:
             theirs.close()
         self._channels.add(ours)
         return PendingSandbox(spec, cgroup, ours, self)
+
+    @property
+    def pid(self) -> int | None:
+        """The running factory's process id (None before the first request)."""
+        return self._process.pid if self._process is not None else None
 
     def _started(self) -> socket.socket:
         if self._requests is not None:

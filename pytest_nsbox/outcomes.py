@@ -223,6 +223,12 @@ def build(
         )
     elif usage.oom_kills and test_killed and missing is not None:
         death = ("oom", _oom_line(settings, usage, f"the test process ({process_name})"))
+    elif run.init_lost is not None and missing is not None:
+        death = (
+            "sandbox",
+            f"nsbox: the sandbox ended under the test ({run.init_lost}); "
+            f"the test process was killed during {missing}",
+        )
     elif run.protocol_error is not None and missing is not None:
         death = (
             "sandbox",

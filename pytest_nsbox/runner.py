@@ -49,6 +49,8 @@ class SandboxRun:
     killed_at_timeout: int = 0
     interrupted: bool = False
     wall_seconds: float = 0.0
+    #: Set when the sandbox's init was gone before the test process ended, and why.
+    init_lost: str | None = None
 
     def bodies(self, kind: str) -> list[dict[str, Any]]:
         return [frame.body for frame in self.frames if frame.kind == kind]
@@ -110,13 +112,13 @@ def run(
             spec, prepared.namespaces, prepared.cgroup, write_fd, closing, test_process
         )
     os.close(write_fd)
-    streams = {read_fd: bytearray(), channel: bytearray()}
+    deadline = None if timeout is None else started + timeout
     try:
-        pidfd = os.pidfd_open(pid)
+        child = _Child(pid, os.pidfd_open(pid), read_fd, channel)
         try:
-            _collect(read_fd, channel, streams, pidfd, pid, prepared, result, started, timeout)
+            _collect(child, prepared, factory, result, deadline)
         finally:
-            os.close(pidfd)
+            os.close(child.pidfd)
     except BaseException:
         result.interrupted = True
         _kill_sandbox(pid, prepared, result)
@@ -126,8 +128,11 @@ def run(
     finally:
         os.close(read_fd)
         gc.unfreeze()
-    for data in streams.values():
+    for data in child.buffers.values():
         _decode(data, result)
+    setup_error = result.first("setup_error")
+    if setup_error is not None and result.init_lost is not None:
+        setup_error["message"] = f"{setup_error['message']}; {result.init_lost}"
     if result.test_status is None:
         exit_frame = result.first("exit")
         if exit_frame is not None:
@@ -136,6 +141,12 @@ def run(
             result.test_status = result.child_status
     result.wall_seconds = time.monotonic() - started
     return result
+
+
+def _init_lost(prepared: PreparedSandbox, factory: SandboxFactory) -> str:
+    """Why the sandbox's init is gone while the test still needed it."""
+    reasons = ["the sandbox's init has exited", factory.death(prepared.factory_pid)]
+    return "; ".join(filter(None, reasons))
 
 
 def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
@@ -154,10 +165,7 @@ def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
         return pid
     except OSError as exc:
         # A pid namespace whose init has exited takes no new process: ENOMEM.
-        detail = ""
-        if not prepared.alive():
-            death = factory.problem() or factory.last_death
-            detail = "; ".join(filter(None, ["the sandbox's init has exited", death]))
+        detail = "" if prepared.alive() else _init_lost(prepared, factory)
         step = "fork the test process into the sandbox"
         raise kernel.SandboxSetupError(step, exc.errno or 0, detail) from None
     finally:
@@ -166,16 +174,26 @@ def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
             kernel.setns(factory.own_pid_namespace, kernel.CLONE_NEWPID, "pytest's own pid")
 
 
+@dataclass
+class _Child:
+    """The test process as the parent watches it: its pidfd and the two byte streams."""
+
+    pid: int
+    pidfd: int
+    pipe: int  # the test's result pipe
+    channel: int  # init's end of the conversation
+    buffers: dict[int, bytearray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.buffers = {self.pipe: bytearray(), self.channel: bytearray()}
+
+
 def _collect(
-    read_fd: int,
-    channel: int,
-    streams: dict[int, bytearray],
-    pidfd: int,
-    pid: int,
+    child: _Child,
     prepared: PreparedSandbox,
+    factory: SandboxFactory,
     result: SandboxRun,
-    started: float,
-    timeout: float | None,
+    deadline: float | None,
 ) -> None:
     """Buffer both byte streams until the child is reaped and they are done, or the deadline.
 
@@ -187,44 +205,44 @@ def _collect(
     here, decoded after.
 
     Then the test's pipe closes when everything the test started is gone.
-    Init is asked for its report only when it has something to tell: a
-    listing of the writes, or processes left in the cgroup besides itself
-    (without a cgroup, always); it ends when its channel closes.
+    Init is asked for its report only when it has something to tell (see
+    :func:`_init_has_news`); it ends when its channel closes.
     """
-    deadline = None if timeout is None else started + timeout
     poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    poller.register(channel, select.POLLIN)
-    watched = {pidfd, channel}
+    poller.register(child.pidfd, select.POLLIN)
+    poller.register(child.channel, select.POLLIN)
+    watched = {child.pidfd, child.channel}
     while watched:
-        wait = _DRAIN_SECONDS if pidfd in watched else None
+        wait = _DRAIN_SECONDS if child.pidfd in watched else None
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 result.timed_out = True
-                _kill_sandbox(pid, prepared, result)
+                _kill_sandbox(child.pid, prepared, result)
                 deadline = None
                 continue
             wait = remaining if wait is None else min(wait, remaining)
         ready = poller.poll(None if wait is None else max(1, int(wait * 1000)))
-        if pidfd in watched:
-            _drain(read_fd, streams[read_fd])
+        if child.pidfd in watched:
+            _drain(child.pipe, child.buffers[child.pipe])
         for fd, _ in ready:
             if fd not in watched:  # dropped earlier in this round (init's channel, see below)
                 continue
-            if fd == pidfd:
-                _reap(pid, result)
-                poller.unregister(pidfd)
-                watched.discard(pidfd)
-                poller.register(read_fd, select.POLLIN)
-                watched.add(read_fd)
+            if fd == child.pidfd:
+                _reap(child.pid, result)
+                if not result.timed_out and not prepared.alive():
+                    result.init_lost = _init_lost(prepared, factory)
+                poller.unregister(child.pidfd)
+                watched.discard(child.pidfd)
+                poller.register(child.pipe, select.POLLIN)
+                watched.add(child.pipe)
                 if _init_has_news(prepared):
                     with contextlib.suppress(OSError):
-                        os.write(channel, sandbox.FINISHED)
-                elif channel in watched:
-                    poller.unregister(channel)
-                    watched.discard(channel)
-            elif _read_into(fd, streams[fd]):
+                        os.write(child.channel, sandbox.FINISHED)
+                elif child.channel in watched:
+                    poller.unregister(child.channel)
+                    watched.discard(child.channel)
+            elif _read_into(fd, child.buffers[fd]):
                 poller.unregister(fd)
                 watched.discard(fd)
     full = sandbox.full_filesystems(prepared.spec, prepared.mounts)
@@ -235,13 +253,15 @@ def _collect(
 def _init_has_news(prepared: PreparedSandbox) -> bool:
     """Whether init has something to report now that the test process is gone.
 
-    The cgroup holds init and whatever the test left running: more than one
-    process means leftovers. (If init is gone there is no report to ask for,
-    and its pid namespace took the rest with it.)
+    The cgroup holds init and whatever the test left running, also in
+    cgroups the test made below its own: more than one task means leftovers
+    (or an orphan init has yet to reap: then init reports nothing). If init
+    is gone there is no report to ask for, and its pid namespace took the
+    rest with it.
     """
     if prepared.spec.list_writes or prepared.cgroup is None:
         return True
-    return len(prepared.cgroup.processes()) > 1
+    return prepared.cgroup.task_count() > 1
 
 
 def _drain(fd: int, buffer: bytearray) -> None:

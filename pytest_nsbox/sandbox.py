@@ -250,13 +250,20 @@ def _make_lock_namespace(spec: SandboxSpec, lock: _LockNamespace) -> dict[str, i
     All ids for root, the user's own otherwise. The descriptors keep the
     namespaces alive for the test to join.
     """
-    os.write(lock.ask, b"l")
-    reply = os.read(lock.done, 16)
-    os.close(lock.ask)
-    os.close(lock.done)
+    try:
+        os.write(lock.ask, b"l")
+        reply = os.read(lock.done, 16)
+    except BrokenPipeError:
+        reply = b""
+    finally:
+        os.close(lock.ask)
+        os.close(lock.done)
+    if not reply:
+        raise kernel.SandboxSetupError(
+            "lock namespace: unshare(user+mnt) in outer", errno.ESRCH, "outer has exited"
+        )
     if reply != b"u":
-        err = int(reply) if reply.isdigit() else errno.ESRCH
-        raise kernel.SandboxSetupError("lock namespace: unshare(user+mnt) in outer", err)
+        raise kernel.SandboxSetupError("lock namespace: unshare(user+mnt) in outer", int(reply))
     outer = str(lock.outer_pid)
     ids = (_MAP_ALL_IDS, _MAP_ALL_IDS)
     if not spec.privileged:
@@ -295,7 +302,10 @@ def _reap_until_finished(channel_fd: int, wakeup: int) -> bool:
                     os.read(wakeup, 4096)
                 _reap_exited()
             else:
-                return os.read(channel_fd, 1) == FINISHED
+                try:
+                    return os.read(channel_fd, 1) == FINISHED
+                except ConnectionResetError:  # closed with "ready" unread: discarded
+                    return False
 
 
 def _reap_exited() -> None:
@@ -335,7 +345,12 @@ def run_test_process(
         if not spec.privileged:
             kernel.setns(namespaces["outer_user"], kernel.CLONE_NEWUSER, "outer user namespace")
             kernel.setns(namespaces["pid"], kernel.CLONE_NEWPID, "pid")
-            test_pid = os.fork()
+            try:
+                test_pid = os.fork()
+            except OSError as exc:  # ENOMEM: the pid namespace lost its init
+                raise kernel.SandboxSetupError(
+                    "fork the test process into the sandbox", exc.errno or 0
+                ) from None
             if test_pid != 0:
                 _wait_and_send_status(test_pid, result_fd)
             kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)

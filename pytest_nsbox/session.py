@@ -9,6 +9,7 @@ test needs it, so a session that sandboxes nothing pays nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -217,11 +218,18 @@ class NsboxSession:
         return min(candidates) if candidates else None
 
     def usage_of(self, run: SandboxRun, cgroup: cgroups.SandboxCgroup | None) -> outcomes.Usage:
-        if cgroup is None:
+        counted = None
+        if cgroup is not None:
+            try:
+                counted = cgroup.usage()
+            except cgroups.CgroupError as exc:
+                # Init makes the cgroup; a set-up that failed before never made it.
+                if exc.errno != errno.ENOENT or run.first("setup_error") is None:
+                    raise
+        if counted is None:
             # No cgroup: the kernel's rusage of the reaped sandbox still counts
             # CPU time; the peak is the largest single process's RSS.
             return outcomes.Usage(run.wall_seconds, run.cpu_seconds, run.max_rss)
-        counted = cgroup.usage()
         return outcomes.Usage(
             wall_seconds=run.wall_seconds,
             cpu_seconds=counted.cpu_seconds if counted.cpu_seconds is not None else run.cpu_seconds,
