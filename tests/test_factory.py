@@ -1,0 +1,1248 @@
+"""The sandbox factory as users meet it: sandboxes built ahead, pytest forked once per test.
+
+Each sandbox is built by the factory (a small interpreter started once per
+session) while the previous test runs; pytest forks the test process into it.
+What a user must never notice: a descriptor of the factory or of a sandbox in
+the test, a sandbox built for another test's settings, a working directory of
+the past, a pytest process left in a foreign pid namespace, a process or
+cgroup left behind, a hang when the factory dies. Every inner session here is
+real (namespaces, overlay, cgroups); the rootless ones run as ``nsbox-tester``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PlainUser, cgroup_session_dirs, run_as
+
+from pytest_nsbox import cgroups
+
+try:
+    cgroups.open_manager().close()
+    HAVE_CGROUPS = True
+except cgroups.CgroupUnavailable:
+    HAVE_CGROUPS = False
+
+needs_cgroups = pytest.mark.skipif(not HAVE_CGROUPS, reason="needs cgroups")
+
+FACTORY_MODULE = b"pytest_nsbox.factory"
+
+# Pasted into inner test modules: what a sandboxed test must not have inherited.
+DESCRIPTOR_CHECK = r'''
+import os, re
+
+_NAMESPACE = re.compile(r"^(pid|pid_for_children|mnt|net|uts|ipc|cgroup|user|time|time_for_children):\[\d+\]$")
+
+
+def foreign_descriptors():
+    """Every open fd that is a socket, a pidfd or a namespace, with what it refers to."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the fd of the listing itself, closed meanwhile
+        try:
+            with open(f"/proc/self/fdinfo/{name}") as info:
+                is_pidfd = any(line.startswith("Pid:") for line in info)
+        except OSError:
+            is_pidfd = False
+        if (
+            target.startswith("socket:")
+            or target in ("anon_inode:[pidfd]", "anon_inode:pidfd")
+            or target.startswith("pidfd:")
+            or is_pidfd
+            or _NAMESPACE.match(target)
+        ):
+            found[int(name)] = target
+    return found
+'''
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def proc_table() -> dict[int, tuple[int, bytes]]:
+    """pid -> (ppid, cmdline) of every process, as this process sees them."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                ppid = int(stat.read().rpartition(b")")[2].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                cmdline = cmd.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        table[int(entry)] = (ppid, cmdline)
+    return table
+
+
+def descendants(root: int) -> set[int]:
+    """Every process whose chain of parents leads to ``root``."""
+    table = proc_table()
+    found: set[int] = set()
+    for pid in table:
+        seen = set()
+        current = pid
+        while current in table and current not in seen and current > 1:
+            seen.add(current)
+            current = table[current][0]
+            if current == root:
+                found.add(pid)
+                break
+    return found
+
+
+def factory_processes(pytest_pid: int) -> set[int]:
+    """The factory of the pytest process ``pytest_pid`` and its forks (outer, init), wherever they were re-parented.
+
+    The factory's command line ends in ``serve(<fd>, <pytest pid>)``; outer
+    and init are forks of it and keep that command line.
+    """
+    pattern = re.compile(rb"serve\(\d+, " + str(pytest_pid).encode() + rb"\)")
+    return {
+        pid
+        for pid, (_, cmdline) in proc_table().items()
+        if FACTORY_MODULE in cmdline and pattern.search(cmdline)
+    }
+
+
+def wait_for(condition: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():  # type: ignore[operator]
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def write_user_file(project: Path, user: PlainUser, name: str, text: str) -> None:
+    path = project / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    os.chown(path, user.uid, user.gid)
+
+
+def run_user_pytest(
+    project: Path, user: PlainUser, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    result = run_as(
+        user,
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
+        cwd=str(project),
+        env={"CI": "true", **(env or {})},  # CI: whole short-summary lines
+        timeout=120,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def summary_lines(output: str) -> list[str]:
+    """The lines of the short test summary."""
+    lines = output.splitlines()
+    for index, line in enumerate(lines):
+        if "short test summary info" in line:
+            return lines[index + 1 :]
+    return []
+
+
+# -- 1. descriptor hygiene ------------------------------------------------------
+
+HYGIENE_TESTS = (
+    DESCRIPTOR_CHECK
+    + """
+import socket, subprocess
+import pytest
+
+pytestmark = pytest.mark.nsbox
+
+
+def check():
+    assert foreign_descriptors() == {}
+    # Nor does what the test starts, even keeping every inheritable fd.
+    out = subprocess.run(["ls", "-l", "/proc/self/fd/"], capture_output=True, text=True, close_fds=False).stdout
+    assert not re.search(r"-> (socket:|anon_inode:\\[pidfd\\]|pidfd:|(pid|mnt|net|uts|ipc|cgroup|user|time)(_for_children)?:\\[)", out), out
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_plain(n):
+    check()
+
+
+def test_with_its_own_socket():
+    check()
+    s = socket.socket()  # the test's own sockets are its business
+    s.close()
+
+
+@pytest.mark.nsbox(network="host")
+def test_host_network():
+    check()
+
+
+@pytest.mark.nsbox(writes="report")
+def test_writes_listed():
+    check()
+
+
+@pytest.mark.nsbox(tmp="host", hostname="other-host")
+def test_host_tmp():
+    check()
+
+
+def test_last():
+    check()
+"""
+)
+
+HYGIENE_LIMITED = """
+
+@pytest.mark.nsbox(memory="256m", pids=64)
+def test_limited():
+    check()
+
+
+@pytest.mark.nsbox(memory="128m", cpu=1)
+def test_limited_differently():
+    check()
+"""
+
+
+def test_no_factory_or_sandbox_descriptor_reaches_the_test(pytester: pytest.Pytester) -> None:
+    """While each test runs the next one's sandbox is built; none of its fds, nor the factory's, reach the test."""
+    pytester.makepyfile(test_hygiene=HYGIENE_TESTS + (HYGIENE_LIMITED if HAVE_CGROUPS else ""))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=9 + (2 if HAVE_CGROUPS else 0))
+
+
+def test_no_factory_or_sandbox_descriptor_reaches_the_test_rootless(
+    plain_user: PlainUser, user_project: Path
+) -> None:
+    write_user_file(user_project, plain_user, "test_hygiene.py", HYGIENE_TESTS)
+    code, output = run_user_pytest(user_project, plain_user)
+    assert code == 0, output
+    assert "9 passed" in output, output
+    assert "rootless" in output, output
+
+
+# -- 2. prepared-ahead sandboxes never carry another test's settings -------------
+
+# Indented as the inner modules' text around it (dedented as a whole).
+HOG = textwrap.indent(
+    """
+def hog():
+    block = bytearray(100 * 1024 * 1024)
+    block[::4096] = b"x" * len(block[::4096])
+""",
+    " " * 8,
+)
+
+
+@needs_cgroups
+def test_each_test_gets_its_own_memory_limit_in_either_order(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_memory="""
+        import pytest
+        """
+        + HOG
+        + """
+
+        @pytest.mark.nsbox(memory="32m")
+        def test_1_small_is_oom_killed():
+            hog()
+
+        @pytest.mark.nsbox(memory="512m")
+        def test_2_large_after_small_passes():
+            hog()
+
+        @pytest.mark.nsbox(memory="512m")
+        def test_3_large_after_large_passes():
+            hog()
+
+        @pytest.mark.nsbox(memory="32m")
+        def test_4_small_after_large_is_oom_killed():
+            hog()
+
+        @pytest.mark.nsbox(memory="32m")
+        def test_5_small_after_small_is_oom_killed():
+            hog()
+
+        @pytest.mark.nsbox
+        def test_6_unlimited_after_small_passes():
+            hog()
+
+        @pytest.mark.nsbox(pids=8)
+        def test_7_few_pids_cannot_fork_16():
+            import os, time
+            children = []
+            with pytest.raises(BlockingIOError):
+                for _ in range(16):
+                    pid = os.fork()
+                    if pid == 0:
+                        time.sleep(5)
+                        os._exit(0)
+                    children.append(pid)
+
+        @pytest.mark.nsbox(pids=64)
+        def test_8_many_pids_can_fork_16():
+            import os
+            children = []
+            for _ in range(16):
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                children.append(pid)
+            for pid in children:
+                os.waitpid(pid, 0)
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-p", "no:randomly")
+    result.assert_outcomes(passed=5, failed=3)
+    out = result.stdout.str()
+    for name in (
+        "test_1_small_is_oom_killed",
+        "test_4_small_after_large_is_oom_killed",
+        "test_5_small_after_small_is_oom_killed",
+    ):
+        assert re.search(
+            rf"OOM-KILLED \S+::{name} - OOM-killed: memory limit 32.0 MiB exceeded", out
+        ), out
+    for name in (
+        "test_2_large_after_small_passes",
+        "test_3_large_after_large_passes",
+        "test_6_unlimited_after_small_passes",
+        "test_7_few_pids_cannot_fork_16",
+        "test_8_many_pids_can_fork_16",
+    ):
+        assert re.search(rf"PASSED \S+::{name}\b", out), out
+
+
+def test_hostname_network_and_tmp_follow_each_test(pytester: pytest.Pytester) -> None:
+    """Hostname (given or derived from the name), network and /tmp, each test its own, in a sequence."""
+    host_marker = Path(f"/tmp/nsbox-factory-host-{os.getpid()}")
+    host_marker.write_text("host")
+    host_interfaces = [name for _, name in socket.if_nameindex()]
+    try:
+        pytester.makepyfile(
+            test_settings=f"""
+            import os, socket
+            import pytest
+
+            pytestmark = pytest.mark.nsbox
+            HOST_MARKER = {str(host_marker)!r}
+
+            def test_alpha():
+                assert socket.gethostname() == "nsbox-test-alpha"
+
+            @pytest.mark.nsbox(hostname="given-name")
+            def test_given():
+                assert socket.gethostname() == "given-name"
+
+            def test_beta_after_given():
+                assert socket.gethostname() == "nsbox-test-beta-after-given"
+
+            @pytest.mark.parametrize("which", ["one", "Two_2"])
+            def test_param(which):
+                assert socket.gethostname() == {{"one": "nsbox-test-param-one", "Two_2": "nsbox-test-param-two-2"}}[which]
+
+            class TestGroup:
+                def test_in_class(self):
+                    assert socket.gethostname() == "nsbox-test-in-class"
+
+            @pytest.mark.nsbox(network="host")
+            def test_host_network():
+                assert [name for _, name in socket.if_nameindex()] == {host_interfaces!r}
+
+            def test_loopback_after_host():
+                assert socket.if_nameindex() == [(1, "lo")]
+
+            @pytest.mark.nsbox(network="host")
+            def test_host_network_again():
+                assert [name for _, name in socket.if_nameindex()] == {host_interfaces!r}
+
+            @pytest.mark.nsbox(tmp="host")
+            def test_host_tmp():
+                assert open(HOST_MARKER).read() == "host"
+
+            def test_private_tmp_after_host():
+                assert not os.path.exists(HOST_MARKER)
+                open("/tmp/left-by-private", "w").close()
+
+            @pytest.mark.nsbox(tmp_size="8m")
+            def test_small_tmp():
+                st = os.statvfs("/tmp")
+                assert st.f_blocks * st.f_frsize == 8 * 1024 * 1024
+                assert not os.path.exists("/tmp/left-by-private")
+
+            def test_default_tmp_after_small():
+                st = os.statvfs("/tmp")
+                assert st.f_blocks * st.f_frsize == 256 * 1024 * 1024
+                assert not os.path.exists(HOST_MARKER)
+
+            @pytest.mark.nsbox(tmp="host")
+            def test_host_tmp_again():
+                assert open(HOST_MARKER).read() == "host"
+                assert not os.path.exists("/tmp/left-by-private")
+
+            def test_zeta_last():
+                assert socket.gethostname() == "nsbox-test-zeta-last"
+                assert socket.if_nameindex() == [(1, "lo")]
+            """
+        )
+        result = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-p", "no:randomly")
+        result.assert_outcomes(passed=15)
+    finally:
+        host_marker.unlink()
+    assert not os.path.exists("/tmp/left-by-private")
+
+
+SKEWED_LOOP = """
+import pytest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    # As pytest-xdist does when another worker steals the queued test: the
+    # nextitem a test was told of is not the test that runs after it.
+    items = session.items
+    for index, item in enumerate(items):
+        nextitem = items[index + 2] if index + 2 < len(items) else None
+        item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        if session.shouldfail or session.shouldstop:
+            break
+    return True
+"""
+
+
+@needs_cgroups
+def test_a_sandbox_prepared_for_another_test_is_not_used(pytester: pytest.Pytester) -> None:
+    """nextitem is not what runs next (xdist's stealing): same spec, other limits or settings: built anew."""
+    pytester.makeconftest(SKEWED_LOOP)
+    pytester.makepyfile(
+        test_skewed="""
+        import os, socket
+        import pytest
+        """
+        + HOG
+        + """
+        pytestmark = pytest.mark.nsbox(hostname="shared")
+
+        @pytest.mark.nsbox(memory="32m")
+        def test_1_small():
+            hog()
+
+        @pytest.mark.nsbox(memory="512m")
+        def test_2_large():
+            hog()
+
+        @pytest.mark.nsbox(memory="32m")
+        def test_3_small():
+            hog()
+
+        @pytest.mark.nsbox(memory="512m")
+        def test_4_large():
+            hog()
+
+        @pytest.mark.nsbox(memory="32m")
+        def test_5_small():
+            hog()
+
+        @pytest.mark.nsbox(network="host")
+        def test_6_host_network():
+            assert len(socket.if_nameindex()) > 1
+
+        def test_7_loopback():
+            assert socket.if_nameindex() == [(1, "lo")]
+
+        @pytest.mark.nsbox(tmp_size="8m")
+        def test_8_small_tmp():
+            st = os.statvfs("/tmp")
+            assert st.f_blocks * st.f_frsize == 8 * 1024 * 1024
+
+        def test_9_default_tmp():
+            st = os.statvfs("/tmp")
+            assert st.f_blocks * st.f_frsize == 256 * 1024 * 1024
+
+        @pytest.mark.nsbox(hostname="another")
+        def test_10_another_name():
+            assert socket.gethostname() == "another"
+
+        def test_11_shared_name():
+            assert socket.gethostname() == "shared"
+
+        def test_12_last():
+            assert socket.gethostname() == "shared"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "-p", "no:randomly")
+    result.assert_outcomes(passed=9, failed=3)
+    # Every test met a sandbox built for another: each was discarded, quietly.
+    assert "Traceback" not in result.stderr.str(), result.stderr.str()
+    out = result.stdout.str()
+    for name in ("test_1_small", "test_3_small", "test_5_small"):
+        assert re.search(rf"OOM-KILLED \S+::{name} - OOM-killed: memory limit 32.0 MiB", out), out
+    for name in ("test_2_large", "test_4_large"):
+        assert re.search(rf"PASSED \S+::{name}\b", out), out
+
+
+def test_a_sandbox_that_cannot_be_built_fails_only_its_test(pytester: pytest.Pytester) -> None:
+    """A set-up error in init (before it made the test's cgroup) is that test's SANDBOX-ERROR, not the session's end."""
+    (pytester.path / "shared").mkdir()
+    limited = 'memory="64m", ' if HAVE_CGROUPS else ""
+    pytester.makepyfile(
+        test_setup_error=f"""
+        import os, shutil
+        import pytest
+
+        def test_1_inline_removes_the_writable_dir():
+            shutil.rmtree(os.path.join(os.path.dirname(__file__), "shared"))
+
+        @pytest.mark.nsbox({limited}writable="shared")
+        def test_2_needs_it():
+            pass
+
+        @pytest.mark.nsbox({limited}hostname="after")
+        def test_3_after():
+            assert os.getpid() == 2
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "-p", "no:randomly")
+    output = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in output, output
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        ["SANDBOX-ERROR *::test_2_needs_it - nsbox: sandbox set-up failed: *shared*"]
+    )
+
+
+# -- 3. an inline test changes the working directory -----------------------------
+
+
+def test_inline_chdir_between_sandboxed_tests(pytester: pytest.Pytester) -> None:
+    """The sandboxed test after an inline os.chdir runs where pytest is now, restored or not."""
+    root = pytester.path
+    (root / "sub").mkdir()
+    (root / "sub" / "inner.txt").write_text("inner")
+    (root / "sub2").mkdir()
+    (root / "marker.txt").write_text("top")
+    pytester.makepyfile(
+        test_a_cwd=f"""
+        import os
+        import pytest
+
+        ROOT = {str(root)!r}
+
+        @pytest.mark.nsbox
+        def test_1_sandboxed_first():
+            assert os.getcwd() == ROOT
+
+        def test_2_inline_chdir_and_back():
+            os.chdir(os.path.join(ROOT, "sub"))
+            os.chdir(ROOT)
+
+        @pytest.mark.nsbox
+        def test_3_sandboxed_after_restored_chdir():
+            assert os.getcwd() == ROOT
+            assert open("marker.txt").read() == "top"
+
+        def test_4_inline_chdir_for_good():
+            os.chdir(os.path.join(ROOT, "sub"))
+
+        @pytest.mark.nsbox
+        def test_5_sandboxed_after_chdir_for_good():
+            assert os.getcwd() == os.path.join(ROOT, "sub")
+            assert open("inner.txt").read() == "inner"
+
+        @pytest.mark.nsbox
+        def test_6_sandboxed_again():
+            assert os.getcwd() == os.path.join(ROOT, "sub")
+
+        def test_7_inline_back_to_root():
+            os.chdir(ROOT)
+        """,
+        test_b_cwd=f"""
+        import os
+        import pytest
+
+        ROOT = {str(root)!r}
+
+        @pytest.fixture(scope="module")
+        def in_sub2():
+            os.chdir(os.path.join(ROOT, "sub2"))
+            yield
+            os.chdir(ROOT)
+
+        def test_1_inline_in_sub2(in_sub2):
+            assert os.getcwd() == os.path.join(ROOT, "sub2")
+
+        @pytest.mark.nsbox
+        def test_2_sandboxed_while_the_fixture_holds_sub2():
+            # Its sandbox was built in sub2; the next test's too, and the
+            # fixture's teardown takes pytest back to ROOT before that one runs.
+            assert os.getcwd() == os.path.join(ROOT, "sub2")
+        """,
+        test_c_cwd=f"""
+        import os
+        import pytest
+
+        ROOT = {str(root)!r}
+
+        @pytest.mark.nsbox
+        def test_1_sandboxed_after_the_fixture_teardown():
+            assert os.getcwd() == ROOT
+            assert open("marker.txt").read() == "top"
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "-p", "no:randomly")
+    result.assert_outcomes(passed=10)
+    # The sandbox built in sub2 for test_c was discarded: quietly.
+    assert "Traceback" not in result.stderr.str(), result.stderr.str()
+
+
+def test_a_sandbox_never_used_is_dropped_quietly(pytester: pytest.Pytester) -> None:
+    """-x stops the session while the next test's sandbox is ready: dropping it prints nothing."""
+    pytester.makepyfile(
+        test_stopped="""
+        import pytest
+
+        pytestmark = pytest.mark.nsbox
+
+        def test_1_fails():
+            assert False
+
+        def test_2_never_runs():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-x")
+    result.assert_outcomes(failed=1)
+    assert "Traceback" not in result.stderr.str(), result.stderr.str()
+
+
+# -- 4. after a session, nothing of it is left -------------------------------------
+
+CLEANUP_CONFTEST = """
+import json, os
+
+SEEN = {"factories": [], "pid_ns_equal": []}
+
+
+def _factories():
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rpartition(")")[2].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                    cmdline = cmd.read()
+            except OSError:
+                continue
+            if ppid == me and b"pytest_nsbox.factory" in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def pytest_runtest_logfinish(nodeid):
+    SEEN["factories"].extend(pid for pid in _factories() if pid not in SEEN["factories"])
+    SEEN["pid_ns_equal"].append(
+        os.readlink("/proc/self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
+    )
+
+
+def pytest_sessionfinish(session):
+    with open(os.path.join(str(session.config.rootpath), "seen.json"), "w") as out:
+        json.dump(SEEN, out)
+"""
+
+
+@needs_cgroups
+def test_after_a_session_nothing_is_left(pytester: pytest.Pytester) -> None:
+    """In-process sessions: pid namespace for children back, factory and sandboxes gone, cgroups removed."""
+    me = os.getpid()
+    before = descendants(me)
+    assert os.readlink("/proc/self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
+    pytester.makeconftest(CLEANUP_CONFTEST)
+    pytester.makepyfile(
+        test_mix="""
+        import os, subprocess, time
+        import pytest
+
+        pytestmark = pytest.mark.nsbox(memory="128m")
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_plain(n):
+            assert os.getpid() == 2
+
+        @pytest.mark.nsbox(enabled=False)
+        def test_inline_between():
+            assert os.getpid() != 2
+
+        def test_leaves_a_process():
+            subprocess.Popen(["sleep", "30"])
+
+        @pytest.mark.nsbox(timeout=0.5)
+        def test_times_out():
+            time.sleep(30)
+
+        def test_fails():
+            assert False
+
+        @pytest.mark.nsbox(network="host", writes="report")
+        def test_last():
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=6, failed=2)
+    seen = json.loads((pytester.path / "seen.json").read_text())
+    assert len(seen["factories"]) == 1, seen
+    assert all(seen["pid_ns_equal"]), seen
+    (factory,) = seen["factories"]
+
+    # A second session stopped by -x after a quick failure: the next test's
+    # sandbox is in the making when the session ends.
+    pytester.makepyfile(
+        test_mix="""
+        import pytest
+
+        @pytest.mark.nsbox(memory="64m")
+        def test_fails_at_once():
+            assert False
+
+        @pytest.mark.nsbox(memory="96m", hostname="never-run")
+        def test_never_run():
+            pass
+        """
+    )
+    stopped = pytester.runpytest("-p", "no:cacheprovider", "-x")
+    stopped.assert_outcomes(failed=1)
+
+    assert os.readlink("/proc/self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
+    assert not os.path.exists(f"/proc/{factory}"), (
+        f"the factory (pid {factory}) is still there (a zombie?)"
+    )
+    assert wait_for(lambda: not factory_processes(me), 5), (
+        f"factory processes of this pid left: {factory_processes(me)}"
+    )
+    assert wait_for(lambda: not (descendants(me) - before), 5), {
+        pid: proc_table().get(pid) for pid in descendants(me) - before
+    }
+    assert [d for d, owner in cgroup_session_dirs().items() if owner == me] == []
+
+
+# -- 5. pytest-xdist -----------------------------------------------------------------
+
+XDIST_TESTS = (
+    DESCRIPTOR_CHECK
+    + """
+import json, os, socket
+import pytest
+
+pytestmark = pytest.mark.nsbox(writable="out")
+
+
+@pytest.mark.parametrize("n", range(12))
+def test_records_its_sandbox(n):
+    with open("/proc/1/stat") as stat:
+        init_start = stat.read().rpartition(")")[2].split()[19]
+    record = {
+        "worker": os.environ.get("PYTEST_XDIST_WORKER"),
+        "pid": os.getpid(),
+        "pid_ns": os.readlink("/proc/self/ns/pid"),
+        "mnt_ns": os.readlink("/proc/self/ns/mnt"),
+        "init_start": init_start,
+        "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+        "hostname": socket.gethostname(),
+        "tmp": sorted(os.listdir("/tmp")),
+        "foreign_descriptors": foreign_descriptors(),
+    }
+    open(f"/tmp/mine-{n}", "w").close()
+    with open(os.path.join(os.path.dirname(__file__), "out", f"{n}.json"), "w") as out:
+        json.dump(record, out)
+"""
+)
+
+
+def test_xdist_workers_sandbox_each_test_apart(pytester: pytest.Pytester) -> None:
+    (pytester.path / "out").mkdir()
+    pytester.makepyfile(test_xdist=XDIST_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "-rA")
+    result.assert_outcomes(passed=12)
+    records = {
+        int(path.stem): json.loads(path.read_text())
+        for path in (pytester.path / "out").glob("*.json")
+    }
+    assert sorted(records) == list(range(12))
+    by_worker: dict[str, list[int]] = {}
+    for n, record in records.items():
+        by_worker.setdefault(record["worker"], []).append(n)
+        assert record["pid"] == 2, record
+        assert record["processes"] == [1, 2], record
+        assert record["hostname"] == f"nsbox-test-records-its-sandbox-{n}", record
+        assert not any(name.startswith("mine-") for name in record["tmp"]), record
+        assert record["foreign_descriptors"] == {}, record
+    assert sorted(by_worker) == ["gw0", "gw1"], by_worker
+    assert all(len(ns) >= 2 for ns in by_worker.values()), by_worker
+    # Namespace inode numbers are reused once a namespace is gone; with the
+    # start time of its init, a sandbox is told from every other.
+    identities = [(r["pid_ns"], r["init_start"]) for r in records.values()]
+    assert len(set(identities)) == 12, identities
+    mounts = [(r["mnt_ns"], r["init_start"]) for r in records.values()]
+    assert len(set(mounts)) == 12, mounts
+
+
+# -- 6. a timeout does not take the prepared next sandbox with it -----------------
+
+
+@pytest.mark.parametrize("limited", [True, False], ids=["cgroup", "no-limits"])
+def test_tests_after_a_timeout_pass(pytester: pytest.Pytester, limited: bool) -> None:
+    if limited and not HAVE_CGROUPS:
+        pytest.skip("needs cgroups")
+    mark = 'memory="128m", pids=32' if limited else ""
+    pytester.makepyfile(
+        test_timeout=f"""
+        import os, subprocess, time
+        import pytest
+
+        pytestmark = pytest.mark.nsbox({mark})
+
+        @pytest.mark.nsbox(timeout=1)
+        def test_1_hangs():
+            subprocess.Popen(["sleep", "60"])
+            time.sleep(60)
+
+        def test_2_after():
+            assert os.getpid() == 2
+            assert sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, 2]
+
+        @pytest.mark.nsbox(timeout=1)
+        def test_3_hangs_again():
+            time.sleep(60)
+
+        @pytest.mark.nsbox(timeout=1)
+        def test_4_hangs_right_after():
+            time.sleep(60)
+
+        @pytest.mark.parametrize("n", range(2))
+        def test_5_after(n):
+            assert os.getpid() == 2
+        """
+    )
+    started = time.monotonic()
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-p", "no:randomly")
+    elapsed = time.monotonic() - started
+    result.assert_outcomes(passed=3, failed=3)
+    result.stdout.fnmatch_lines_random(
+        [
+            "TIMEOUT *::test_1_hangs - Timeout: sandbox killed after 1.0 s (2 processes)*",
+            "TIMEOUT *::test_3_hangs_again - Timeout: sandbox killed after 1.0 s (1 process)*",
+            "TIMEOUT *::test_4_hangs_right_after - Timeout: sandbox killed after 1.0 s (1 process)*",
+            "PASSED *::test_2_after",
+            "PASSED *::test_5_after?0?",
+            "PASSED *::test_5_after?1?",
+        ]
+    )
+    assert elapsed < 15, elapsed
+
+
+# -- 7. the after-test report: processes left running, files written -------------
+
+REPORT_TESTS = """
+import os, subprocess, sys, time
+import pytest
+
+pytestmark = pytest.mark.nsbox
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_1_leaves_sleep_running():
+    subprocess.Popen(["sleep", "30"])
+
+
+def test_2_next_passes():
+    assert sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, 2]
+
+
+def test_3_leaves_a_daemon():
+    # Double fork: the grandchild is re-parented to the sandbox's init (it
+    # may still be the forked sh, not yet sleep, when it is listed).
+    subprocess.Popen(["sh", "-c", "sleep 30 & exit 0"]).wait()
+
+
+def test_4_leaves_a_fork_holding_the_pipes():
+    if os.fork() == 0:
+        time.sleep(30)
+        os._exit(0)
+
+
+@pytest.mark.nsbox(writes="report")
+def test_5_writes_reported():
+    with open(os.path.join(ROOT, "written.txt"), "w") as out:
+        out.write("x")
+    os.remove(os.path.join(ROOT, "doomed.txt"))
+
+
+def test_6_quiet():
+    pass
+"""
+
+REPORT_LIMITED = """
+
+@pytest.mark.nsbox(memory="128m")
+def test_7_limited_leaves_sleep_running():
+    subprocess.Popen(["sleep", "30"])
+
+
+@pytest.mark.nsbox(memory="128m")
+def test_8_limited_next_passes():
+    assert sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, 2]
+"""
+
+
+def check_report_output(output: str, limited: bool) -> None:
+    assert "passed" in output and "failed" not in output.splitlines()[-1], output
+    assert re.search(
+        r"test_1_leaves_sleep_running: left running, killed: sleep \(pid 3\)", output
+    ), output
+    assert re.search(
+        r"test_3_leaves_a_daemon: left running, killed: (sleep|sh) \(pid \d+\)", output
+    ), output
+    assert re.search(
+        r"test_4_leaves_a_fork_holding_the_pipes: left running, killed: python\S* \(pid 3\)", output
+    ), output
+    assert "pid 3: sleep (sleep 30)" in output, output
+    assert "nsbox: files written to the repo (thrown away)" in output, output
+    assert "created written.txt" in output, output
+    assert "deleted doomed.txt" in output, output
+    assert "test_2_next_passes: left running" not in output, output
+    assert "test_6_quiet: left running" not in output, output
+    if limited:
+        assert re.search(
+            r"test_7_limited_leaves_sleep_running: left running, killed: sleep \(pid 3\)", output
+        ), output
+
+
+def test_after_test_report(pytester: pytest.Pytester) -> None:
+    """Root: what was left running is reported and killed, writes are listed, the next test passes."""
+    (pytester.path / "doomed.txt").write_text("doomed")
+    pytester.makepyfile(test_report=REPORT_TESTS + (REPORT_LIMITED if HAVE_CGROUPS else ""))
+    me = os.getpid()
+    before = descendants(me)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-p", "no:randomly")
+    result.assert_outcomes(passed=6 + (2 if HAVE_CGROUPS else 0))
+    check_report_output(result.stdout.str(), HAVE_CGROUPS)
+    assert (pytester.path / "doomed.txt").exists()
+    assert not (pytester.path / "written.txt").exists()
+    assert wait_for(lambda: not (descendants(me) - before), 5)
+    assert wait_for(lambda: not factory_processes(me), 5), factory_processes(me)
+
+
+def test_after_test_report_rootless(plain_user: PlainUser, user_project: Path) -> None:
+    write_user_file(user_project, plain_user, "doomed.txt", "doomed")
+    write_user_file(user_project, plain_user, "test_report.py", REPORT_TESTS)
+    code, output = run_user_pytest(user_project, plain_user, "-p", "no:randomly")
+    assert code == 0, output
+    assert "6 passed" in output, output
+    check_report_output(output, limited=False)
+    assert (user_project / "doomed.txt").exists()
+    assert not (user_project / "written.txt").exists()
+
+
+@needs_cgroups
+def test_process_left_in_a_child_cgroup_is_reported(pytester: pytest.Pytester) -> None:
+    """A test may make cgroups of its own below its cgroup; what it leaves running there is left running too."""
+    pytester.makepyfile(
+        test_child_cgroup="""
+        import os, re, subprocess
+        import pytest
+
+        def own_cgroup_dirs():
+            # The cgroup namespace is rooted at the test's cgroup, but the
+            # host's cgroup mounts show the whole tree: in each hierarchy,
+            # the test's cgroup is the nsbox-<pid>/t<N> dir that lists pids 1 and 2.
+            found = []
+            for line in open("/proc/self/mountinfo"):
+                fields = line.split()
+                if fields[fields.index("-") + 1] not in ("cgroup", "cgroup2"):
+                    continue
+                for dirpath, dirnames, filenames in os.walk(fields[4]):
+                    if not re.fullmatch(r"t\\d+", os.path.basename(dirpath)):
+                        continue
+                    if not os.path.basename(os.path.dirname(dirpath)).startswith("nsbox-"):
+                        continue
+                    try:
+                        procs = open(os.path.join(dirpath, "cgroup.procs")).read().split()
+                    except OSError:
+                        continue
+                    if "1" in procs and "2" in procs:
+                        found.append(dirpath)
+            if not found:
+                pytest.skip("the test's own cgroup is not visible from the sandbox")
+            return found
+
+        @pytest.mark.nsbox(pids=32, memory="128m")
+        def test_1_leaves_sleep_in_a_child_cgroup():
+            proc = subprocess.Popen(["sleep", "30"])
+            for own in own_cgroup_dirs():
+                child = os.path.join(own, "mine")
+                try:
+                    os.mkdir(child)
+                    with open(os.path.join(child, "cgroup.procs"), "w") as procs:
+                        procs.write(str(proc.pid))
+                except OSError as exc:
+                    pytest.skip(f"cannot use a child cgroup of {own}: {exc}")
+
+        @pytest.mark.nsbox(pids=32, memory="128m")
+        def test_2_next_passes():
+            assert sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, 2]
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-p", "no:randomly")
+    outcomes = result.parseoutcomes()
+    if outcomes.get("skipped"):
+        pytest.skip(result.stdout.str())
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["*test_1_leaves_sleep_in_a_child_cgroup: left running, killed: sleep (pid 3)"]
+    )
+
+
+# -- 8. the factory dies mid-session --------------------------------------------------
+
+KILL_FACTORY_CONFTEST = """
+import json, os, signal, time
+
+# NSBOX_TEST_KILL_AND_WAIT=1: give the next test's sandbox time to be ready,
+# kill, and wait until the factory, its outer and init processes are all
+# gone before the next test starts. Else kill and go on at once: the sandbox
+# prepared for the next test dies (being built, or ready) as that test starts.
+WAIT = os.environ.get("NSBOX_TEST_KILL_AND_WAIT") == "1"
+STATE = {"killed": None, "tree": [], "pid_ns_equal": []}
+
+
+def _table():
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                    cmdline = cmd.read()
+            except OSError:
+                continue
+            table[int(entry)] = (int(fields[1]), fields[0], cmdline)
+    return table
+
+
+def _factory_pid(table):
+    me = os.getpid()
+    for pid, (ppid, _, cmdline) in table.items():
+        if ppid == me and b"pytest_nsbox.factory" in cmdline:
+            return pid
+    return None
+
+
+def _gone(pid):
+    state = _table().get(pid)
+    return state is None or state[1] == "Z"
+
+
+def pytest_runtest_logfinish(nodeid):
+    # In the pytest process (a sandboxed test's own hooks run in its sandbox).
+    if nodeid.endswith("test_1_first") and STATE["killed"] is None:
+        if WAIT:
+            time.sleep(0.3)
+        table = _table()
+        pid = _factory_pid(table)
+        assert pid is not None, "no sandbox factory among pytest's children"
+        tree = [p for p, (ppid, _, _) in table.items() if ppid == pid]
+        tree += [p for p, (ppid, _, _) in table.items() if ppid in tree]
+        os.kill(pid, signal.SIGKILL)
+        STATE["killed"] = pid
+        STATE["tree"] = tree
+        if WAIT:
+            deadline = time.monotonic() + 10
+            while not all(_gone(p) for p in [pid, *tree]):
+                assert time.monotonic() < deadline, "the killed factory's processes stay"
+                time.sleep(0.01)
+    STATE["pid_ns_equal"].append(
+        os.readlink("/proc/self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
+    )
+
+
+def pytest_sessionfinish(session):
+    with open(os.path.join(str(session.config.rootpath), "state.json"), "w") as out:
+        json.dump(STATE, out)
+"""
+
+
+KILL_MODES = pytest.mark.parametrize(
+    "wait", [False, True], ids=["next-test-at-once", "after-all-gone"]
+)
+
+
+@KILL_MODES
+def test_factory_death_mid_session_is_named_not_hung(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, wait: bool
+) -> None:
+    """Kill the factory after the first test: later tests pass or fail naming the factory; the session ends."""
+    monkeypatch.setenv("NSBOX_TEST_KILL_AND_WAIT", "1" if wait else "0")
+    pytester.makeconftest(KILL_FACTORY_CONFTEST)
+    pytester.makepyfile(
+        test_factory_dies="""
+        import os
+        import pytest
+
+        pytestmark = pytest.mark.nsbox
+
+        def test_1_first():
+            assert os.getpid() == 2
+
+        def test_2_prepared_by_the_dead_factory():
+            assert os.getpid() == 2
+
+        def test_3_later():
+            assert os.getpid() == 2
+
+        @pytest.mark.nsbox(hostname="other")
+        def test_4_later_other_spec():
+            assert os.getpid() == 2
+
+        def test_5_last():
+            assert os.getpid() == 2
+        """
+    )
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-rA", "-p", "no:randomly", timeout=60
+    )
+    elapsed = time.monotonic() - started
+    output = result.stdout.str() + result.stderr.str()
+    assert elapsed < 30, output
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), output
+    assert "INTERNALERROR" not in output, output
+    assert "Traceback" not in output, output
+    state = json.loads((pytester.path / "state.json").read_text())
+    assert state["killed"], state
+    assert all(state["pid_ns_equal"]), state
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 5, output
+    summary = summary_lines(output)
+    assert any("PASSED" in line and "test_1_first" in line for line in summary), output
+    for name in (
+        "test_2_prepared_by_the_dead_factory",
+        "test_3_later",
+        "test_4_later_other_spec",
+        "test_5_last",
+    ):
+        (line,) = [line for line in summary if f"::{name}" in line]
+        if not line.startswith("PASSED"):
+            assert "sandbox factory" in line, (
+                f"{name} failed without naming the sandbox factory: {line}"
+            )
+    assert not os.path.exists(f"/proc/{state['killed']}"), "the killed factory was never reaped"
+
+
+@KILL_MODES
+def test_factory_death_mid_session_rootless(
+    plain_user: PlainUser, user_project: Path, wait: bool
+) -> None:
+    """The same as a plain user (no cgroups): later tests pass or fail naming the factory."""
+    write_user_file(user_project, plain_user, "conftest.py", KILL_FACTORY_CONFTEST)
+    write_user_file(
+        user_project,
+        plain_user,
+        "test_factory_dies.py",
+        """
+        import os
+        import pytest
+
+        pytestmark = pytest.mark.nsbox
+
+        def test_1_first():
+            assert os.getpid() == 2
+
+        def test_2_prepared_by_the_dead_factory():
+            assert os.getpid() == 2
+
+        def test_3_later():
+            assert os.getpid() == 2
+
+        def test_4_last():
+            assert os.getpid() == 2
+        """,
+    )
+    started = time.monotonic()
+    code, output = run_user_pytest(
+        user_project,
+        plain_user,
+        "-p",
+        "no:randomly",
+        env={"NSBOX_TEST_KILL_AND_WAIT": "1" if wait else "0"},
+    )
+    assert time.monotonic() - started < 30, output
+    assert code in (0, 1), output
+    assert "INTERNALERROR" not in output and "Traceback" not in output, output
+    summary = summary_lines(output)
+    assert any(line.startswith("PASSED") and "test_1_first" in line for line in summary), output
+    for name in ("test_2_prepared_by_the_dead_factory", "test_3_later", "test_4_last"):
+        (line,) = [line for line in summary if f"::{name}" in line]
+        if not line.startswith("PASSED"):
+            assert "sandbox factory" in line, (
+                f"{name} failed without naming the sandbox factory: {line}"
+            )
+
+
+def test_factory_death_while_idle_then_more_tests(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The factory dies between tests with nothing prepared (an inline test in between): later sandboxed tests are not hung."""
+    monkeypatch.setenv("NSBOX_TEST_KILL_AND_WAIT", "1")
+    pytester.makeconftest(KILL_FACTORY_CONFTEST)
+    pytester.makepyfile(
+        test_factory_idle="""
+        import os
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_1_first():
+            assert os.getpid() == 2
+
+        def test_2_inline():
+            assert os.getpid() != 2
+
+        @pytest.mark.nsbox
+        def test_3_sandboxed_after_the_death():
+            assert os.getpid() == 2
+
+        @pytest.mark.nsbox
+        def test_4_last():
+            assert os.getpid() == 2
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-rA", "-p", "no:randomly", timeout=60
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), output
+    assert "INTERNALERROR" not in output and "Traceback" not in output, output
+    summary = summary_lines(output)
+    for name in ("test_3_sandboxed_after_the_death", "test_4_last"):
+        (line,) = [line for line in summary if f"::{name}" in line]
+        if not line.startswith("PASSED"):
+            assert "sandbox factory" in line, (
+                f"{name} failed without naming the sandbox factory: {line}"
+            )
