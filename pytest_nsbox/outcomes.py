@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -202,7 +203,7 @@ def build(
     what it printed before.
     """
     reports: dict[str, pytest.TestReport] = {
-        rep.when: rep for rep in (_deserialize(item.config, b) for b in run.bodies("report"))
+        rep.when: rep for rep in (_deserialize(item, b) for b in run.bodies("report"))
     }
     outcome = Outcome(reports=[], usage=usage, left_running=[list(p) for p in _left(run)])
     test_status = run.test_status
@@ -315,15 +316,25 @@ def build(
     return outcome
 
 
-def _deserialize(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
-    """A report from the pipe; JSON turned its tuples into lists, pytest wants tuples."""
-    report: pytest.TestReport = config.hook.pytest_report_from_serializable(
-        config=config, data=data
+def _deserialize(item: pytest.Item, data: dict[str, Any]) -> pytest.TestReport:
+    """A report from the pipe, as it would have been made inline.
+
+    JSON turned tuples into lists; pytest wants tuples. Its strings are all
+    new objects, and pytest keeps every report to the end of the session: the
+    node id and location are the item's own objects again, keyword names are
+    interned, as inline reports share them.
+    """
+    report: pytest.TestReport = item.config.hook.pytest_report_from_serializable(
+        config=item.config, data=data
     )
     longrepr: Any = report.longrepr
     if isinstance(longrepr, list):  # a skip's (path, lineno, reason)
         report.longrepr = tuple(longrepr)
-    report.location = tuple(report.location)  # type: ignore[assignment]
+    location = tuple(report.location)
+    report.location = item.location if location == item.location else location  # type: ignore[assignment]
+    if report.nodeid == item.nodeid:
+        report.nodeid = item.nodeid
+    report.keywords = {sys.intern(name): value for name, value in report.keywords.items()}
     report.user_properties = [tuple(p) for p in report.user_properties]  # type: ignore[misc]
     return report
 

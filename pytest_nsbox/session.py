@@ -10,9 +10,12 @@ test needs it, so a session that sandboxes nothing pays nothing.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,6 +26,11 @@ from pytest_nsbox.factory import PendingSandbox, PreparedSandbox, SandboxFactory
 from pytest_nsbox.runner import SandboxRun
 
 TOP_N = 5
+#: The usage figures ranked in the terminal summary: (usage key, label, format).
+TOP_METRICS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("memory_peak", "peak memory", format_size),
+    ("cpu_seconds", "CPU time", lambda v: f"{v:.2f} s"),
+)
 
 
 def _process_name() -> str:
@@ -41,7 +49,10 @@ class NsboxSession:
         self.options = options
         self.process_name = _process_name()
         self.plugin_timeouts: dict[str, float] = {}
-        self.records: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []  # every test's, for --nsbox-report
+        self.eventful: list[dict[str, Any]] = []  # those with events or processes left
+        self._top: dict[str, list[tuple[float, int, str]]] = {key: [] for key, _, _ in TOP_METRICS}
+        self._order = itertools.count()
         self._manager: cgroups.CgroupManager | None = None
         self._cgroup_problem: str | None = None
         self._cgroups_asked = False
@@ -267,34 +278,48 @@ class NsboxSession:
     # -- hooks of the session ------------------------------------------------
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Keep what the summary and the JSON report need of each test's record.
+
+        The record rides on the teardown report (from a pytest-xdist worker
+        to the controller, too); pytest keeps every report to the end, so
+        outside a worker it is taken off the report here, and only the JSON
+        report keeps them all: a long session does not grow by a record per
+        test (a larger pytest process costs more at every fork).
+        """
         record = getattr(report, "nsbox", None)
-        if report.when == "teardown" and isinstance(record, dict):
+        if report.when != "teardown" or not isinstance(record, dict):
+            return
+        if not hasattr(self.config, "workerinput"):
+            del report.nsbox
+        if self.options.report_path:
             self.records.append(record)
+        if record["events"] or record["left_running"]:
+            self.eventful.append(record)
+        order = next(self._order)
+        for key, _, _ in TOP_METRICS:
+            value = record["usage"].get(key)
+            if value is not None:
+                # A min-heap of the TOP_N largest; on a tie the earlier test stays.
+                heapq.heappush(self._top[key], (value, -order, record["nodeid"]))
+                if len(self._top[key]) > TOP_N:
+                    heapq.heappop(self._top[key])
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        events = [r for r in self.records if r["events"] or r["left_running"]]
-        if not events and not self.options.report_path:
+        if not self.eventful and not self.options.report_path:
             return
         terminalreporter.section("nsbox")
-        for record in events:
+        for record in self.eventful:
             for message in record["messages"]:
                 terminalreporter.line(f"{record['nodeid']}: {message}")
             if record["left_running"]:
                 names = ", ".join(f"{name} (pid {pid})" for pid, name, _ in record["left_running"])
                 terminalreporter.line(f"{record['nodeid']}: left running, killed: {names}")
-        for key, label, fmt in (
-            ("memory_peak", "peak memory", format_size),
-            ("cpu_seconds", "CPU time", lambda v: f"{v:.2f} s"),
-        ):
-            ranked = sorted(
-                (r for r in self.records if r["usage"].get(key) is not None),
-                key=lambda r: r["usage"][key],
-                reverse=True,
-            )[:TOP_N]
+        for key, label, fmt in TOP_METRICS:
+            ranked = sorted(self._top[key], reverse=True)
             if ranked:
                 terminalreporter.line(f"top {len(ranked)} by {label}:")
-                for r in ranked:
-                    terminalreporter.line(f"  {fmt(r['usage'][key]):>12}  {r['nodeid']}")
+                for value, _, nodeid in ranked:
+                    terminalreporter.line(f"  {fmt(value):>12}  {nodeid}")
         if self.options.report_path:
             terminalreporter.line(f"nsbox report: {self.options.report_path}")
 
