@@ -100,10 +100,12 @@ def run(
     gc.freeze()
     try:
         pid = _fork_into(prepared, factory)
-    except kernel.SandboxSetupError as exc:
+    except BaseException as exc:
         gc.unfreeze()
         os.close(read_fd)
         os.close(write_fd)
+        if not isinstance(exc, kernel.SandboxSetupError):
+            raise
         result.frames.append(protocol.Frame("setup_error", {"step": exc.step, "message": str(exc)}))
         return result
     if pid == 0:
@@ -154,7 +156,6 @@ def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
     privileged = prepared.spec.privileged
     if privileged:
         kernel.setns(prepared.namespaces["pid"], kernel.CLONE_NEWPID, "pid, for the test")
-    pid = -1
     try:
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork() in a multi-threaded process (a
@@ -162,16 +163,33 @@ def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
             # state: it runs the test and talks only through its own pipe.
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
-        return pid
-    except OSError as exc:
-        # A pid namespace whose init has exited takes no new process: ENOMEM.
-        detail = "" if prepared.alive() else _init_lost(prepared, factory)
-        step = "fork the test process into the sandbox"
-        raise kernel.SandboxSetupError(step, exc.errno or 0, detail) from None
-    finally:
-        if privileged and pid != 0:
-            # Only the parent goes back; the child is pid 2 of the sandbox.
-            kernel.setns(factory.own_pid_namespace, kernel.CLONE_NEWPID, "pytest's own pid")
+    except BaseException as exc:
+        if privileged:
+            _return_to_own_pid_namespace(None, factory)
+        if isinstance(exc, OSError):
+            # A pid namespace whose init has exited takes no new process: ENOMEM.
+            detail = "" if prepared.alive() else _init_lost(prepared, factory)
+            step = "fork the test process into the sandbox"
+            raise kernel.SandboxSetupError(step, exc.errno or 0, detail) from None
+        raise
+    if privileged and pid != 0:  # only the parent goes back; the child is pid 2 there
+        _return_to_own_pid_namespace(pid, factory)
+    return pid
+
+
+def _return_to_own_pid_namespace(child: int | None, factory: SandboxFactory) -> None:
+    """Point pytest's pid namespace for children back at its own.
+
+    If that fails, every later fork of pytest would land in a sandbox: the
+    child is killed and reaped, and the session stops with the reason.
+    """
+    try:
+        kernel.setns(factory.own_pid_namespace, kernel.CLONE_NEWPID, "pytest's own pid")
+    except kernel.SandboxSetupError as exc:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        raise RuntimeError(f"nsbox: cannot go on forking tests: {exc}") from None
 
 
 @dataclass
