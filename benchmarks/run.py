@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -195,7 +196,10 @@ class Floor:
         self.levels = ["fork", "ns", "overlay", "lo"] + (["full"] if cgroup_sessions else [])
         self.seconds: dict[str, list[float]] = {}
         self.ballast_seconds: dict[str, list[float]] = {}
+        self.phases: dict[str, dict[str, list[float]]] = {}
+        self.ballast_phases: dict[str, dict[str, list[float]]] = {}
         self.rss = 0
+        self.factory_rss = 0
         self.ballast_rss = 0
         self.ballast_mb = 0
         self.problem: str | None = None
@@ -217,10 +221,14 @@ class Floor:
         target = self.ballast_seconds if ballast_mb else self.seconds
         for level, values in data["seconds"].items():
             target.setdefault(level, []).extend(values)
+        phases = self.ballast_phases if ballast_mb else self.phases
+        for level, split in data["phases"].items():
+            for phase, values in split.items():
+                phases.setdefault(level, {}).setdefault(phase, []).extend(values)
         if ballast_mb:
             self.ballast_rss, self.ballast_mb = data["rss"], ballast_mb
         else:
-            self.rss = data["rss"]
+            self.rss, self.factory_rss = data["rss"], data["factory_rss"]
 
     def figures(self) -> dict[str, Any]:
         def ms(values: dict[str, list[float]]) -> dict[str, Any]:
@@ -229,8 +237,11 @@ class Floor:
         return {
             "problem": self.problem,
             "levels_ms": ms(self.seconds),
+            "phases_ms": {level: ms(split) for level, split in self.phases.items()},
             "rss": self.rss,
+            "factory_rss": self.factory_rss,
             "ballast_levels_ms": ms(self.ballast_seconds),
+            "ballast_phases_ms": {level: ms(split) for level, split in self.ballast_phases.items()},
             "ballast_rss": self.ballast_rss,
             "cgroup_sessions": self.cgroup_sessions,
         }
@@ -286,10 +297,15 @@ def measure_sustained(project: Path, total: int, window: int, scratch: Path) -> 
 
 
 def measure_memory(project: Path, sleep: float) -> dict[str, Any]:
-    """The sleeping test in the full sandbox (3 processes) and in the fork-only baseline (1)."""
+    """The sleeping test in the full sandbox and in the fork-only baseline (1 process).
+
+    The full sandbox's processes: the session's factory, the sandbox's outer
+    and init (forked from the factory), and the test process (forked from
+    pytest; for a plain user, through one more process).
+    """
     figures: dict[str, Any] = {}
     cases = (
-        ("full", sessions.FULL_SANDBOX, {}, 3),
+        ("full", sessions.FULL_SANDBOX, {}, 4 if os.geteuid() == 0 else 5),
         ("fork", ("-p", "nsbench.steps_plugin"), {"NSBENCH_STEP": "fork"}, 1),
     )
     for key, args, env, processes in cases:

@@ -3,7 +3,9 @@
 ``benchmarks/run.py`` is a script, not a timed test: this runs it with the
 smallest sizes (a handful of tests, no pytest-forked venv) so a broken
 harness is caught by the suite, and checks that its JSON holds every
-section's figures and that its printed report shows them.
+section's figures and that its printed report shows them. The engine rows
+of section 1 are checked to be what they say: each one layer more than the
+one before, seen from inside the sandbox.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+RUN = BENCH_DIR / "run.py"
 TINY = [
     "--n=6",
     "--reps=1",
@@ -56,10 +59,19 @@ def test_tiny_run_reports_every_section(tmp_path: Path) -> None:
     # With 6 tests the sign of an overhead is noise; that it was computed is the point.
     assert isinstance(overhead["full"]["overhead_ms"]["median"], float)
     assert set(figures["floor"]["levels_ms"]) >= {"fork", "ns", "overlay", "lo"}
+    for level in ("ns", "overlay", "lo"):
+        assert set(figures["floor"]["phases_ms"][level]) == {"build", "test", "teardown"}
     assert set(figures["overlay"]) == {"10", "50"}
     assert figures["sustained"]["tests"] == 9
     assert figures["sustained"]["first_per_s"] > 0
-    assert figures["memory"]["full"]["processes"] == 3
+    # The session's factory, the sandbox's outer and init, the test process.
+    assert figures["memory"]["full"]["processes"] == 4
+    parts = figures["memory"]["full"]["parts"]
+    assert {part: f["processes"] for part, f in parts.items()} == {
+        "factory": 1,
+        "outer_init": 2,
+        "test": 1,
+    }
 
     report = done.stdout
     assert report.startswith("pytest-nsbox benchmark\nmachine: ")
@@ -67,3 +79,96 @@ def test_tiny_run_reports_every_section(tmp_path: Path) -> None:
         assert f"{target['status']:4}  {target['target']}" in report
     full = overhead["full"]["overhead_ms"]["median"]
     assert f"{full:.2f}" in report
+
+
+# What a test of the generated project sees of its sandbox, against $NSBENCH_STEP.
+LAYERS_TEST = """
+import os
+import pathlib
+import socket
+
+ROOT = str(pathlib.Path(__file__).resolve().parent)
+
+
+def mounted(path):
+    # (type, source) of the topmost mount on exactly this path, or None.
+    found = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if fields[4] == path:
+                dash = fields.index("-")
+                found = (fields[dash + 1], fields[dash + 2])
+    return found
+
+
+def loopback_up():
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            with socket.create_connection(server.getsockname(), timeout=2):
+                return True
+    except OSError:
+        return False
+
+
+def check():
+    step = os.environ["NSBENCH_STEP"]
+    seen = {
+        "rootdir": mounted(ROOT),
+        "tmp": mounted("/tmp"),
+        "lo": loopback_up(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    assert seen["pid"] == 2, seen
+    assert (seen["rootdir"] or ("",))[0] == ("overlay" if step != "ns" else ""), seen
+    assert (seen["tmp"] == ("tmpfs", "nsbox-tmp")) == (step != "ns"), seen
+    assert seen["lo"] == (step in ("lo", "cgroup")), seen
+    assert seen["hostname"].startswith("nsbox-test-") == (step == "cgroup"), seen
+
+
+def test_first():
+    check()
+
+
+def test_second():
+    check()
+
+
+def test_third():
+    check()
+"""
+
+
+@pytest.mark.parametrize("step", ["ns", "overlay", "lo", "cgroup"])
+def test_engine_rows_add_one_layer_each(step: str, tmp_path: Path) -> None:
+    """Three tests, so two run in a sandbox prepared while the one before ran."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        from nsbench import sessions
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "test_layers.py").write_text(LAYERS_TEST)
+    argv = sessions.pytest_argv(sys.executable, project, ("-p", "nsbench.steps_plugin"))
+    env = sessions.session_env(NSBENCH_STEP=step)
+    result = sessions.run_session(argv, env, 3, tmp_path / "probe.json", timeout=120)
+    assert len(result.stamps) == 3
+
+
+def test_namespaces_only_factory_runs_the_plugins_interpreter() -> None:
+    """The "ns" row's factory differs from the plugin's only by the stub it imports first."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        from nsbench.steps_plugin import NamespacesOnlyFactory
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    from pytest_nsbox.factory import SandboxFactory
+
+    stubbed, plain = NamespacesOnlyFactory().command(7), SandboxFactory().command(7)
+    assert stubbed[:-1] == plain[:-1]
+    code = stubbed[-1]
+    assert str(BENCH_DIR) in code
+    assert code.index("import nsbench.ns_stub") < code.index("serve(7, ")

@@ -1,12 +1,15 @@
 """Section 6: what one sandboxed test in flight costs in memory.
 
 A session runs a single test that sleeps. While it sleeps the harness finds
-the pytest process's descendants (the sandbox's outer, init and test
-processes; one forked child for the fork-only baseline) through
-``/proc/<pid>/task/*/children`` and reads ``/proc/<pid>/smaps_rollup`` of
-each: Rss counts shared copy-on-write pages in every process, Pss splits
-them, and Private (Private_Clean + Private_Dirty) is what exists only
-because that process exists, the honest "extra memory" of a sandbox.
+the pytest process's descendants through ``/proc/<pid>/task/*/children``:
+for the full sandbox the session's sandbox factory (a small interpreter of
+its own, one per session), the sandbox's outer and init (forked from the
+factory) and the test process (forked from pytest); one forked child for the
+fork-only baseline. It reads ``/proc/<pid>/smaps_rollup`` of each: Rss
+counts shared copy-on-write pages in every process, Pss splits them, and
+Private (Private_Clean + Private_Dirty) is what exists only because that
+process exists, the honest "extra memory" of a sandbox. The figures are
+given per part (factory, outer + init, test process) and summed.
 """
 
 from __future__ import annotations
@@ -63,6 +66,31 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+#: The parts of a sandbox, in the order the report lists them.
+PARTS = ("factory", "outer_init", "test")
+
+
+def _is_factory(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return b"pytest_nsbox.factory" in cmdline.read()
+    except OSError:
+        return False
+
+
+def parts_of(pid: int) -> dict[str, list[int]]:
+    """The descendants of ``pid`` by part: the factory, what it forked, the rest (the test)."""
+    parts: dict[str, list[int]] = {}
+    for top in children(pid):
+        below = descendants(top)
+        if _is_factory(top):
+            parts.setdefault("factory", []).append(top)
+            parts.setdefault("outer_init", []).extend(below)
+        else:
+            parts.setdefault("test", []).extend([top, *below])
+    return parts
+
+
 def sample_in_flight(
     argv: Sequence[str],
     cwd: str,
@@ -82,11 +110,18 @@ def sample_in_flight(
                 raise RuntimeError("the sleeping test's sandbox never appeared")
             time.sleep(0.01)
         time.sleep(settle)  # the test process has imported and set up its fixtures
-        pids = descendants(process.pid)
+        parts = parts_of(process.pid)
         parent = smaps_rollup(process.pid)
         sandbox = Footprint(0, 0, 0)
-        for pid in pids:
-            sandbox = sandbox + smaps_rollup(pid)
+        figures: dict[str, dict[str, int]] = {}
+        for part in PARTS:
+            if part not in parts:
+                continue
+            total = Footprint(0, 0, 0)
+            for pid in parts[part]:
+                total = total + smaps_rollup(pid)
+            figures[part] = {"processes": len(parts[part]), **asdict(total)}
+            sandbox = sandbox + total
         output, _ = process.communicate(timeout=deadline)
     finally:
         if process.poll() is None:
@@ -94,4 +129,9 @@ def sample_in_flight(
             process.wait()
     if process.returncode != 0:
         raise RuntimeError(f"session failed ({process.returncode}): {output.decode()[-2000:]}")
-    return {"processes": len(pids), "parent": asdict(parent), "sandbox": asdict(sandbox)}
+    return {
+        "processes": sum(len(pids) for pids in parts.values()),
+        "parent": asdict(parent),
+        "sandbox": asdict(sandbox),
+        "parts": figures,
+    }

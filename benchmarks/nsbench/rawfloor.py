@@ -1,40 +1,76 @@
 """The raw floor: the sandbox's system calls from a minimal Python process.
 
 Run as ``python -I -S rawfloor.py ...`` by ``benchmarks/run.py``: it imports
-only ctypes, json, os, socket, struct, sys and time, so its process is a few
-MB and every figure is close to what the kernel itself costs. Each iteration
-builds one sandbox at a given level and tears it down, timed from the first
-call in the parent to the parent having reaped it; the levels are interleaved
-(``fork ns overlay lo full fork ns ...``) so load drifts hit them alike.
+only the standard library (argparse, ctypes, errno, fcntl, json, os, select,
+signal, socket, struct, sys, time), so its processes are a few MB and every
+figure is close to what the kernel itself costs.
+
+It plays the two long-lived processes of the engine: this process stands in
+for pytest, and a *factory* forked from it at start (before ``--ballast-mb``
+pads this process to pytest's RSS: the real factory is a small interpreter
+of its own) forks outer, which forks init, per request. Each iteration
+builds one sandbox at a level, runs its test process and takes it all down
+**in sequence**, timed from the request until init and outer have exited
+(and, with a cgroup, its rmdir); the levels are interleaved (``fork ns
+overlay lo full fork ns ...``) so load drifts hit them alike. The plugin
+instead asks for the next test's sandbox before it forks the current test,
+so that building overlaps the test (and removes a cgroup one test later):
+the sum here is the sequential cost of the calls, not a bound on the
+plugin's time per test.
 
 Levels (each includes the ones before it, as the benchmark's rows do):
 
-``fork``    fork; the child writes 2 bytes to a pipe and exits; the parent reads and reaps.
-``ns``      the three processes of a sandbox: outer unshares mnt/pid/net/uts/ipc/cgroup
-            (plus user when not root) and forks init; init makes mounts private, mounts
-            /proc and forks the test process, which unshares user+mnt and waits for init
-            to write its uid/gid maps (two pipes), then answers on the result pipe.
-``overlay`` init also mounts a scratch tmpfs on /dev/shm, the overlay on the rootdir (upper
-            and work dirs in the scratch), detaches the scratch, mounts tmpfs on /tmp and
-            /dev/shm, and binds the ``--bind`` dir back.
+``fork``    this process forks; the child writes 2 bytes to a pipe and exits; read, reap.
+``ns``      a request to the factory (one end of a socketpair, by SCM_RIGHTS); the factory
+            forks outer, which unshares mnt/pid/net/uts/ipc (plus user, and writes its
+            one-id maps, when not root), opens the host /proc (O_PATH) and forks init,
+            pid 1. Init makes the mounts private, mounts /proc, unshares cgroup, has outer
+            unshare user+mnt (the lock namespace; two pipes), writes outer's uid/gid maps
+            through the host /proc fd, opens its own namespaces and, through that fd, the
+            lock ones, and sends them with O_PATH fds of the scratch (at this level the
+            rootdir, as the benchmark's stub) and /tmp and its pidfd (SCM_RIGHTS). This
+            process forks the test process into init's pid namespace (root: setns of
+            pid-for-children around the fork; a plain user: a first child joins outer's
+            user namespace and the pid namespace and forks the test), which joins
+            net/uts/ipc/cgroup/user/mnt with setns, closes the inherited fds, chdirs and
+            answers on a pipe; a pidfd poll, the reap, fstatvfs of the two mounts; then
+            "finished" to init, which lists its /proc and exits (its channel's EOF).
+``overlay`` init's mounts are filesystem.set_up's: scratch tmpfs on /dev/shm, the overlay on
+            the rootdir, the scratch detached, tmpfs on /tmp and /dev/shm, the ``--bind``
+            dir (and a rootdir below /tmp or /dev/shm) bound back, /proc.
 ``lo``      init also brings lo up: one RTM_NEWLINK on a netlink socket, ack checked.
-``full``    the parent also makes a cgroup per hierarchy (mkdir + the memory=256m, cpu=1,
-            pids=64 limit writes), the outer attaches itself (write "0" to cgroup.procs),
-            init sets the hostname; after reaping, the parent reads cgroup.procs and rmdirs.
+``full``    init also sets the hostname, makes the cgroup (mkdir in every hierarchy, the
+            memory=256m, cpu=1, pids=64 writes) and joins it (``tasks`` on v1,
+            ``cgroup.procs`` on v2) before it unshares cgroup; the test process joins it
+            first thing; after the reap this process counts the cgroup's tasks
+            (pids.current) instead of telling init (1: init only), closes the channel,
+            waits on init's pidfd for its exit and rmdirs the cgroup (the plugin removes it
+            one test later, when init is long gone).
 
-Prints one JSON object: seconds per iteration for each level, and this process's RSS.
+Prints one JSON object: seconds per iteration for each level, the same split
+in phases (build: the request until init's descriptors are here; test: the
+test process's fork until its reap; teardown: the rest, including a wait for
+outer's exit, which the engine does not wait for), this process's RSS and
+the factory's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import errno
+import fcntl
 import json
 import os
+import select
+import signal
 import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -44,18 +80,32 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 OUTER_FLAGS = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC
-OUTER_FLAGS |= CLONE_NEWCGROUP
+# The namespaces the test process joins, in the engine's order (pytest_nsbox.sandbox.JOIN_ORDER).
+JOIN_ORDER = (
+    ("net", CLONE_NEWNET),
+    ("uts", CLONE_NEWUTS),
+    ("ipc", CLONE_NEWIPC),
+    ("cgroup", CLONE_NEWCGROUP),
+    ("user", CLONE_NEWUSER),
+    ("mnt", CLONE_NEWNS),
+)
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
 SIGKILL = 9
-TMP_SIZE = 16 * 1024 * 1024
+F_SETPIPE_SZ = 1031
+TMP_SIZE = 256 * 1024 * 1024  # the plugin's default tmp_size (nothing is written to it)
+SHM_SIZE = 64 * 1024 * 1024
+MAP_ALL_IDS = "0 0 4294967295"
+FINISHED = b"f"
+WAIT_SECONDS = 30.0
 LEVELS = ("fork", "ns", "overlay", "lo", "full")
+FORK, NS, OVERLAY, LO, FULL = range(len(LEVELS))
 # RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq 1; ifinfomsg for index 1 with IFF_UP set.
 LO_UP = struct.pack("=IHHII", 32, 16, 0x1 | 0x4, 1, 0) + struct.pack("=BBHiII", 0, 0, 0, 1, 1, 1)
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
 libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 
 
@@ -75,6 +125,67 @@ def mount(
     check(libc.mount(b(source), b(target), b(fstype), flags, b(data)), f"mount {target}")
 
 
+def unshare(flags: int, what: str) -> None:
+    check(libc.unshare(flags), f"unshare {what}")
+
+
+def setns(fd: int, nstype: int, what: str) -> None:
+    check(libc.setns(fd, nstype), f"setns {what}")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "prctl")
+    if os.getppid() != parent_pid:
+        os._exit(8)
+
+
+def drop_capabilities() -> None:
+    """capset(2) with empty sets, as a plain user's test process does."""
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    check(libc.capset(header, data), "capset")
+
+
+def write(path: str, data: str, dir_fd: int | None = None) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"write {data!r} to {path}: {exc.strerror}") from None
+
+
+def set_oom_score_adj(value: str) -> None:
+    """As the engine: lowering it needs CAP_SYS_RESOURCE, and a refusal is ignored."""
+    with contextlib.suppress(OSError):
+        write("/proc/self/oom_score_adj", value)
+
+
+def open_path(path: str) -> int:
+    return os.open(path, os.O_PATH | os.O_CLOEXEC)
+
+
+def child(fn: Callable[[], None], who: str) -> NoReturn:
+    """Run ``fn`` in a forked child, which must end with os._exit; report what went wrong."""
+    try:
+        fn()
+    except BaseException as exc:
+        sys.stderr.write(f"rawfloor {who} (pid {os.getpid()}): {exc!r}\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(7)
+
+
+def wait_status(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+# -- the sandbox's init and outer (in the factory) ----------------------------
+
+
 def scratch_and_overlay(rootdir: str, privileged: bool) -> int:
     """As pytest_nsbox.filesystem does: tmpfs on a borrowed dir, overlay, tmpfs detached."""
     borrowed = "/dev/shm"
@@ -89,12 +200,28 @@ def scratch_and_overlay(rootdir: str, privileged: bool) -> int:
     return scratch
 
 
-def write(path: str, data: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
+def set_up_filesystem(args: argparse.Namespace, level: int) -> int:
+    """Init's mounts at this level; returns the scratch descriptor init sends."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    if level < OVERLAY:
+        # The benchmark's stub: no scratch tmpfs, the rootdir stands in for it.
+        os.open(args.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # "lower"
+        scratch = os.open(args.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        # Held before the overlay and the tmpfs can hide them, bound back after, as set_up does.
+        held = {path: open_path(path) for path in filter(None, [args.bind])}
+        os.open(args.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # "lower"
+        scratch = scratch_and_overlay(args.rootdir, args.privileged)
+        if args.rootdir.startswith(("/tmp/", "/dev/shm/")):
+            held[args.rootdir] = open_path(args.rootdir)
+        for source, target, size in (("t", "/tmp", TMP_SIZE), ("s", "/dev/shm", SHM_SIZE)):
+            mount(source, target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=1777")
+        for path in sorted(held, key=lambda p: p.count("/")):
+            os.makedirs(path, exist_ok=True)
+            mount(f"/proc/self/fd/{held[path]}", path, None, MS_BIND | MS_REC, None)
+            os.close(held[path])
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV, None)
+    return scratch
 
 
 def lo_up() -> None:
@@ -108,78 +235,356 @@ def lo_up() -> None:
         raise OSError("RTM_NEWLINK lo up refused")
 
 
-def set_up_filesystem(args: argparse.Namespace, level: int, privileged: bool) -> None:
-    mount(None, "/", None, MS_REC | MS_PRIVATE, None)
-    if level >= LEVELS.index("overlay"):
-        scratch_and_overlay(args.rootdir, privileged)
-        # Held before /tmp and /dev/shm are hidden, bound back after, as the plugin does.
-        hidden = [p for p in (args.bind, args.rootdir) if p.startswith(("/tmp/", "/dev/shm/"))]
-        held = {path: os.open(path, os.O_PATH | os.O_CLOEXEC) for path in hidden}
-        for source, target, size in (("t", "/tmp", TMP_SIZE), ("s", "/dev/shm", 64 << 20)):
-            mount(source, target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=1777")
-        for path in sorted(held, key=lambda p: p.count("/")):
-            os.makedirs(path, exist_ok=True)
-            mount(f"/proc/self/fd/{held[path]}", path, None, MS_BIND | MS_REC, None)
-            os.close(held[path])
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV, None)
+def attach(targets: list[str]) -> None:
+    for target in targets:
+        write(target, "0")
 
 
-def run_test_process(args: argparse.Namespace, result_w: int, ready_w: int, go_r: int) -> None:
+def list_and_reap_leftovers() -> None:
+    """Init's end, as pytest_nsbox.sandbox._kill_leftovers: list /proc, reap everything."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry != "1":
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    stat.read()
+            except OSError:
+                continue
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def run_init(
+    args: argparse.Namespace,
+    level: int,
+    number: int,
+    channel_fd: int,
+    outer_pid: int,
+    host_proc: int,
+    ask_w: int,
+    done_r: int,
+) -> None:
+    die_with_parent(0)  # outer is outside the pid namespace
+    scratch = set_up_filesystem(args, level)
+    if level >= FULL:
+        hostname = f"nsbench-floor{number}".encode()
+        check(libc.sethostname(hostname, len(hostname)), "sethostname")
+    if level >= LO:
+        lo_up()
+    if level >= FULL:
+        paths = cgroup_paths(args, number)
+        for path in paths:
+            os.mkdir(path)
+        for index, file, value in args.limits:
+            write(f"{paths[index]}/{file}", value)
+        attach(attach_targets(args, paths))
+    unshare(CLONE_NEWCGROUP, "cgroup")
+    names = ["pid", "uts", "ipc", "cgroup", "net"]
+    namespaces = {n: os.open(f"/proc/self/ns/{n}", os.O_RDONLY | os.O_CLOEXEC) for n in names}
+    if not args.privileged:
+        namespaces["outer_user"] = os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    # The lock namespace: outer unshares it, init writes its maps through the host's /proc.
+    os.write(ask_w, b"l")
+    reply = os.read(done_r, 16)
+    os.close(ask_w)
+    os.close(done_r)
+    if reply != b"u":
+        raise OSError(errno.ESRCH, "outer did not unshare the lock namespace")
+    uid, gid = args.uid, args.gid
+    uid_map, gid_map = (
+        (MAP_ALL_IDS, MAP_ALL_IDS) if args.privileged else (f"{uid} {uid} 1", f"{gid} {gid} 1")
+    )
+    write(f"{outer_pid}/uid_map", uid_map, dir_fd=host_proc)
+    write(f"{outer_pid}/gid_map", gid_map, dir_fd=host_proc)
+    for name in ("user", "mnt"):
+        namespaces[name] = os.open(
+            f"{outer_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=host_proc
+        )
+    os.close(host_proc)
+    mounts = [scratch, os.open("/tmp", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
+    pidfd = os.pidfd_open(os.getpid())
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    ordered = sorted(namespaces)
+    fds = [namespaces[n] for n in ordered] + mounts + [pidfd]
+    channel = socket.socket(fileno=channel_fd)
+    # Outer's pid rides along for this floor only: it waits for outer's exit too.
+    socket.send_fds(channel, [f"{outer_pid} {' '.join(ordered)}".encode()], fds)
+    for fd in fds:
+        if fd != scratch:
+            os.close(fd)
+    poller = select.poll()
+    poller.register(channel_fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    finished = False
+    while not finished:
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+            else:
+                os.read(channel_fd, 1)  # "finished", or the EOF of a closed channel
+                finished = True
+    list_and_reap_leftovers()
+    os._exit(0)
+
+
+def run_outer(
+    args: argparse.Namespace, level: int, number: int, channel_fd: int, factory_pid: int
+) -> None:
+    die_with_parent(factory_pid)
+    if args.privileged:
+        set_oom_score_adj("-1000")
+    unshare(OUTER_FLAGS | (0 if args.privileged else CLONE_NEWUSER), "mnt/pid/net/uts/ipc")
+    if not args.privileged:
+        uid, gid = args.uid, args.gid
+        write("/proc/self/setgroups", "deny")
+        write("/proc/self/uid_map", f"{uid} {uid} 1")
+        write("/proc/self/gid_map", f"{gid} {gid} 1")
+    ask_r, ask_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    outer_pid = os.getpid()
+    init_pid = os.fork()
+    if init_pid == 0:
+        os.close(ask_r)
+        os.close(done_w)
+        child(
+            lambda: run_init(args, level, number, channel_fd, outer_pid, host_proc, ask_w, done_r),
+            f"init ({LEVELS[level]})",
+        )
+    for fd in (channel_fd, ask_w, done_r, host_proc):
+        os.close(fd)
+    if os.read(ask_r, 1) == b"l":
+        unshare(CLONE_NEWUSER | CLONE_NEWNS, "user+mnt (the lock namespace)")
+        os.write(done_w, b"u")
+    os._exit(wait_status(init_pid))
+
+
+def serve(args: argparse.Namespace, requests: socket.socket, parent_pid: int) -> None:
+    """The factory: one outer per request, until this process closes the socket."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    factory_pid = os.getpid()
+    while True:
+        data, fds, _, _ = socket.recv_fds(requests, 64, 1)
+        if not data:
+            os._exit(0)
+        level, number = (int(field) for field in data.split())
+        pid = os.fork()
+        if pid == 0:
+            requests.close()
+            channel_fd = fds[0]
+            child(
+                lambda: run_outer(args, level, number, channel_fd, factory_pid),  # noqa: B023
+                f"outer ({LEVELS[level]})",
+            )
+        for fd in fds:
+            os.close(fd)
+        while True:  # reap the outers that ended
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+
+
+def start_factory(args: argparse.Namespace) -> tuple[socket.socket, int]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    parent_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        child(lambda: serve(args, theirs, parent_pid), "factory")
+    theirs.close()
+    return ours, pid
+
+
+# -- the test process and this process's side ---------------------------------
+
+
+def run_test_process(
+    args: argparse.Namespace,
+    level: int,
+    namespaces: dict[str, int],
+    targets: list[str],
+    result_w: int,
+    inherited: list[int],
+) -> None:
     check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "prctl")
-    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare user+mnt")
-    os.write(ready_w, b"u")
-    if os.read(go_r, 1) != b"g":
-        os._exit(3)
+    if level >= FULL:
+        attach(targets)
+    if not args.privileged:
+        setns(namespaces["outer_user"], CLONE_NEWUSER, "outer user")
+        setns(namespaces["pid"], CLONE_NEWPID, "pid")
+        test_pid = os.fork()
+        if test_pid != 0:
+            os._exit(wait_status(test_pid))
+        check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "prctl")
+    if os.getppid() != 0:
+        os._exit(9)
+    for name, nstype in JOIN_ORDER:
+        setns(namespaces[name], nstype, name)
+    for fd in inherited:
+        os.close(fd)
     os.chdir(args.rootdir)
+    if not args.privileged:
+        drop_capabilities()
+    set_oom_score_adj("1000")
     os.write(result_w, b"ok")
     os._exit(0)
 
 
-def run_init(args: argparse.Namespace, level: int, result_w: int, privileged: bool) -> None:
-    check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "prctl")
-    set_up_filesystem(args, level, privileged)
-    if level >= LEVELS.index("full"):
-        name = b"nsbench-floor"
-        check(libc.sethostname(name, len(name)), "sethostname")
-    if level >= LEVELS.index("lo"):
-        lo_up()
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    test_pid = os.fork()
-    if test_pid == 0:
-        run_test_process(args, result_w, ready_w, go_r)
+def rmdir_retrying(path: str) -> None:
+    """rmdir, retried a moment on EBUSY (a task that just exited may still be counted)."""
+    deadline = time.monotonic() + 2.0
+    delay = 0.0005
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def wait_readable(pidfd: int, what: str) -> None:
+    """Poll a pidfd until its process has exited (bounded: a hang must not stall the run)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    if not poller.poll(int(WAIT_SECONDS * 1000)):
+        raise RuntimeError(f"{what}: still running after {WAIT_SECONDS:g} s")
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def one_fork(phases: dict[str, list[float]]) -> float:
+    started = time.perf_counter()
+    result_r, result_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.write(result_w, b"ok")
+        os._exit(0)
     os.close(result_w)
-    if os.read(ready_r, 1) != b"u":
-        os._exit(4)
-    uid, gid = os.getuid(), os.getgid()
-    write(f"/proc/{test_pid}/uid_map", "0 0 4294967295" if privileged else f"{uid} {uid} 1")
-    write(f"/proc/{test_pid}/gid_map", "0 0 4294967295" if privileged else f"{gid} {gid} 1")
-    os.write(go_w, b"g")
-    _, status = os.waitpid(test_pid, 0)
-    os._exit(0 if status == 0 else 5)
+    answer = read_all(result_r)
+    os.close(result_r)
+    status = wait_status(pid)
+    elapsed = time.perf_counter() - started
+    if answer != b"ok" or status != 0:
+        raise RuntimeError(f"level fork: answer {answer!r}, exit status {status}")
+    phases["test"].append(elapsed)
+    return elapsed
 
 
-def run_outer(args: argparse.Namespace, level: int, result_w: int, cgroup: list[str]) -> None:
-    privileged = os.geteuid() == 0
-    check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "prctl")
-    for path in cgroup:
-        write(f"{path}/cgroup.procs", "0")
-    uid, gid = os.getuid(), os.getgid()
-    check(libc.unshare(OUTER_FLAGS | (0 if privileged else CLONE_NEWUSER)), "unshare")
-    if not privileged:
-        write("/proc/self/setgroups", "deny")
-        write("/proc/self/uid_map", f"{uid} {uid} 1")
-        write("/proc/self/gid_map", f"{gid} {gid} 1")
-    init_pid = os.fork()
-    if init_pid == 0:
-        run_init(args, level, result_w, privileged)
+def one_sandbox(
+    args: argparse.Namespace,
+    level: int,
+    number: int,
+    requests: socket.socket,
+    own_pid_ns: int,
+    phases: dict[str, list[float]],
+) -> float:
+    started = time.perf_counter()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    socket.send_fds(requests, [f"{level} {number}".encode()], [theirs.fileno()])
+    theirs.close()
+    data, fds, _, _ = socket.recv_fds(ours, 4096, 16)
+    if not data:
+        ours.close()
+        raise RuntimeError(f"level {LEVELS[level]}: init ended before it was ready (see stderr)")
+    outer_pid, *names = data.decode().split()
+    namespaces = dict(zip(names, fds, strict=False))
+    mounts, init_pidfd = fds[len(names) : -1], fds[-1]
+    paths = cgroup_paths(args, number) if level >= FULL else []
+    targets = attach_targets(args, paths) if paths else []
+    ready = time.perf_counter()
+
+    result_r, result_w = os.pipe2(os.O_CLOEXEC)
+    fcntl.fcntl(result_w, F_SETPIPE_SZ, 1 << 20)
+    inherited = [*fds, ours.fileno(), requests.fileno(), own_pid_ns]
+    if args.privileged:
+        setns(namespaces["pid"], CLONE_NEWPID, "pid, for the test")
+    try:
+        pid = os.fork()
+    except BaseException:
+        if args.privileged:
+            setns(own_pid_ns, CLONE_NEWPID, "own pid")
+        raise
+    if pid == 0:
+        os.close(result_r)
+        child(
+            lambda: run_test_process(args, level, namespaces, targets, result_w, inherited),
+            f"test ({LEVELS[level]})",
+        )
+    if args.privileged:
+        setns(own_pid_ns, CLONE_NEWPID, "own pid")
     os.close(result_w)
-    _, status = os.waitpid(init_pid, 0)
-    os._exit(0 if status == 0 else 6)
+    pidfd = os.pidfd_open(pid)
+    wait_readable(pidfd, f"level {LEVELS[level]}: the test process")
+    _, status, _ = os.wait4(pid, 0)
+    os.close(pidfd)
+    answer = read_all(result_r)
+    os.close(result_r)
+    tested = time.perf_counter()
+
+    for fd in mounts:
+        os.fstatvfs(fd)
+    outer_pidfd = os.pidfd_open(int(outer_pid))  # alive: it waits for init, init for us
+    if level >= FULL:
+        # What the engine asks instead of telling init: is anyone but init still there?
+        with open(f"{paths[args.count_index]}/{args.count_file}") as counted:
+            text = counted.read()
+        if (int(text) if args.count_file == "pids.current" else len(text.split())) != 1:
+            raise RuntimeError(f"{paths[args.count_index]} holds more than init")
+        for fd in fds[:-1]:
+            os.close(fd)
+        ours.close()
+        wait_readable(init_pidfd, f"level {LEVELS[level]}: init's exit")
+        os.close(init_pidfd)
+        for path in paths:
+            rmdir_retrying(path)
+    else:
+        ours.send(FINISHED)
+        while ours.recv(4096):
+            pass
+        ours.close()
+        for fd in fds:
+            os.close(fd)
+    wait_readable(outer_pidfd, f"level {LEVELS[level]}: outer's exit")
+    os.close(outer_pidfd)
+    ended = time.perf_counter()
+    if answer != b"ok" or os.WEXITSTATUS(status) != 0 or not os.WIFEXITED(status):
+        raise RuntimeError(f"level {LEVELS[level]}: answer {answer!r}, wait status {status}")
+    phases["build"].append(ready - started)
+    phases["test"].append(tested - ready)
+    phases["teardown"].append(ended - tested)
+    return ended - started
 
 
-def limit_files(session_dirs: list[str]) -> list[tuple[str, str]]:
-    """(file name relative to a test's cgroup, value), found once as the plugin does."""
+# -- cgroups, worked out once ---------------------------------------------------
+
+
+def cgroup_paths(args: argparse.Namespace, number: int) -> list[str]:
+    return [f"{session}/floor{number}" for session in args.cgroup_session]
+
+
+def attach_targets(args: argparse.Namespace, paths: list[str]) -> list[str]:
+    return [f"{path}/{file}" for path, file in zip(paths, args.attach_files, strict=True)]
+
+
+def limit_files(session_dirs: list[str]) -> list[tuple[int, str, str]]:
+    """(hierarchy index, file name in a test's cgroup, value), found once as the plugin does."""
     wanted = (
         ("memory.oom.group", "1"),  # cgroup2
         ("memory.max", str(256 << 20)),
@@ -195,53 +600,12 @@ def limit_files(session_dirs: list[str]) -> list[tuple[str, str]]:
     for index, session in enumerate(session_dirs):
         for name, value in wanted:
             if os.path.exists(f"{session}/{name}"):
-                found.append((f"{index}/{name}", value))
+                found.append((index, name, value))
     return found
 
 
-def one_iteration(args: argparse.Namespace, level: int, number: int, limits: list) -> float:
-    started = time.perf_counter()
-    cgroup = []
-    if level >= LEVELS.index("full"):
-        cgroup = [f"{session}/floor{number}" for session in args.cgroup_session]
-        for path in cgroup:
-            os.mkdir(path)
-        for name, value in limits:
-            index, _, file = name.partition("/")
-            write(f"{cgroup[int(index)]}/{file}", value)
-    result_r, result_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(result_r)
-            if level == 0:
-                os.write(result_w, b"ok")
-                os._exit(0)
-            run_outer(args, level, result_w, cgroup)
-        except BaseException as exc:
-            sys.stderr.write(f"rawfloor level {LEVELS[level]} (pid {os.getpid()}): {exc!r}\n")
-            sys.stderr.flush()
-        finally:
-            os._exit(7)
-    os.close(result_w)
-    answer = os.read(result_r, 2)
-    while os.read(result_r, 64):
-        pass
-    os.close(result_r)
-    _, status = os.waitpid(pid, 0)
-    for path in cgroup:
-        with open(f"{path}/cgroup.procs") as procs:
-            if procs.read().strip():
-                raise RuntimeError(f"{path} is not empty")
-        os.rmdir(path)
-    elapsed = time.perf_counter() - started
-    if answer != b"ok" or status != 0:
-        raise RuntimeError(f"level {LEVELS[level]}: answer {answer!r}, wait status {status}")
-    return elapsed
-
-
-def rss() -> int:
-    with open("/proc/self/status") as status:
+def rss(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
@@ -257,16 +621,49 @@ def main() -> None:
     parser.add_argument("--cgroup-session", action="append", default=[])
     parser.add_argument("--ballast-mb", type=int, default=0, help="touch this much memory first")
     args = parser.parse_args()
-    ballast = bytearray(b"\x01") * (args.ballast_mb << 20)
     levels = [LEVELS.index(name) for name in args.levels.split(",")]
-    if LEVELS.index("full") in levels and not args.cgroup_session:
+    if FULL in levels and not args.cgroup_session:
         raise SystemExit("level full needs --cgroup-session")
-    limits = limit_files(args.cgroup_session)
-    times: dict[str, list[float]] = {LEVELS[level]: [] for level in levels}
-    for number in range(args.iterations):
-        for level in levels:
-            times[LEVELS[level]].append(one_iteration(args, level, number, limits))
-    json.dump({"seconds": times, "rss": rss(), "ballast": len(ballast)}, sys.stdout)
+    args.privileged = os.geteuid() == 0
+    args.uid, args.gid = os.getuid(), os.getgid()  # as the host sees them
+    args.limits = limit_files(args.cgroup_session)
+    # v1 attaches through "tasks" (as the engine: no global lock), cgroup2 through cgroup.procs.
+    args.attach_files = [
+        "tasks" if os.path.exists(f"{session}/tasks") else "cgroup.procs"
+        for session in args.cgroup_session
+    ]
+    # The engine counts the tasks left with pids.current (pids hierarchy, or cgroup2's one).
+    counting = [i for i, d in enumerate(args.cgroup_session) if os.path.exists(f"{d}/pids.current")]
+    args.count_index = counting[0] if counting else 0
+    args.count_file = "pids.current" if counting else "cgroup.procs"
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    requests, factory_pid = start_factory(args)  # before the ballast: the factory stays small
+    try:
+        ballast = bytearray(b"\x01") * (args.ballast_mb << 20)
+        times: dict[str, list[float]] = {LEVELS[level]: [] for level in levels}
+        phases: dict[str, dict[str, list[float]]] = {
+            LEVELS[level]: {"build": [], "test": [], "teardown": []} for level in levels
+        }
+        for number in range(args.iterations):
+            for level in levels:
+                name = LEVELS[level]
+                if level == FORK:
+                    times[name].append(one_fork(phases[name]))
+                else:
+                    elapsed = one_sandbox(args, level, number, requests, own_pid_ns, phases[name])
+                    times[name].append(elapsed)
+        factory_rss = rss(factory_pid)
+    finally:
+        requests.close()
+        os.waitpid(factory_pid, 0)
+    result = {
+        "seconds": times,
+        "phases": {name: {k: v for k, v in p.items() if v} for name, p in phases.items()},
+        "rss": rss(),
+        "factory_rss": factory_rss,
+        "ballast": len(ballast),
+    }
+    json.dump(result, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def _overhead(report: dict[str, Any]) -> list[str]:
         if figures is None:
             continue
         if figures.get("problem"):
-            rows.append([row.label, figures["problem"][:70], "", "", "", "", ""])
+            rows.append([row.label, " ".join(figures["problem"].split())[:70], "", "", "", "", ""])
             continue
         overhead = figures.get("overhead_ms")
         rows.append(
@@ -116,11 +116,14 @@ def _floor(report: dict[str, Any]) -> list[str]:
     floor = report.get("floor")
     if not floor:
         return []
+    factory = ""
+    if floor.get("factory_rss"):
+        factory = f", its factory's {floor['factory_rss'] / MB:.0f} MB"
     lines = [
         "",
         f"2. Raw floor: the same system calls from a minimal Python process "
-        f"(benchmarks/nsbench/rawfloor.py under python -I -S, RSS {floor['rss'] / MB:.0f} MB), "
-        "levels interleaved, ms per sandbox built and reaped",
+        f"(benchmarks/nsbench/rawfloor.py under python -I -S, RSS {floor['rss'] / MB:.0f} MB"
+        f"{factory}), levels interleaved, ms per sandbox built, used and taken down, in sequence",
     ]
     if floor.get("problem"):
         lines += _wrap(floor["problem"], "  ")
@@ -139,22 +142,63 @@ def _floor(report: dict[str, Any]) -> list[str]:
             label = table.get(key, {}).get("label", key)
             rows.append([level, _band(figures), label, _band(overhead), _ratio(overhead, figures)])
     lines += _table(["level", "floor ms", "row", "row overhead ms", "row / floor"], rows)
+    phases = _phases(floor.get("phases_ms", {}))
+    if phases:
+        lines += _wrap(f"phases, ms (median): {phases}", "  ")
     ballast = floor.get("ballast_levels_ms")
     if ballast:
         parts = ", ".join(f"{level} {_band(v)} ms" for level, v in ballast.items())
-        lines.append(
-            f"  with the floor process padded to pytest's RSS ({floor['ballast_rss'] / MB:.0f} "
-            f"MB; inline pytest's after its first test: {floor['pytest_rss'] / MB:.0f} MB): {parts}"
+        lines += _wrap(
+            f"with the floor process (the one that forks the test) padded to pytest's RSS "
+            f"({floor['ballast_rss'] / MB:.0f} MB; inline pytest's after its first test: "
+            f"{floor['pytest_rss'] / MB:.0f} MB; the factory stays small): {parts}",
+            "  ",
         )
+        ballast_phases = _phases(floor.get("ballast_phases_ms", {}))
+        if ballast_phases:
+            lines += _wrap(f"padded, phases, ms (median): {ballast_phases}", "  ")
     lines += _wrap(
-        "levels: fork = fork+pipe+exit; ns = the 3 processes (outer unshares mnt/pid/net/uts/ipc/"
-        "cgroup, init mounts private + /proc, test unshares user+mnt, id maps via 2 pipes); "
-        "overlay = + scratch tmpfs, overlay, scratch detached, /tmp, /dev/shm, bind; "
-        "lo = + RTM_NEWLINK; full = + cgroup mkdir/limits/attach/rmdir in every hierarchy, "
-        "sethostname",
+        "levels: fork = this process forks, the child writes to a pipe and exits, reaped "
+        "(pytest-forked's mechanism); ns = the engine's processes: a request to a small factory "
+        "process (forked at start, before any padding), which forks outer (unshares "
+        "mnt/pid/net/uts/ipc; opens the host /proc) and outer forks init, pid 1 (mounts private "
+        "+ /proc, unshares cgroup, has outer unshare user+mnt, the lock namespace, and writes "
+        "its id maps through the host /proc fd, sends its namespace fds, O_PATH fds of the "
+        "scratch and /tmp and its pidfd by SCM_RIGHTS); this process forks the test into "
+        "init's pid namespace (setns of pid-for-children around the fork), the test joins "
+        "net/uts/ipc/cgroup/user/mnt with setns, answers on a pipe and is reaped (pidfd poll); "
+        "init is told and exits; overlay = + init's scratch tmpfs, overlay, scratch detached, "
+        "/tmp, /dev/shm, bind; lo = + RTM_NEWLINK; full = + sethostname, init's cgroup "
+        "mkdir/limits/attach in every hierarchy, the test's attach, a count of the cgroup's "
+        "tasks (pids.current) instead of telling init, the rmdir after init's exit",
+        "  ",
+    )
+    lines += _wrap(
+        "phases: build = the request until init's descriptors arrive; test = the test "
+        "process's fork until its reap; teardown = the rest, until init and outer have exited "
+        "(and the rmdir). The floor runs them one after the other; the plugin asks for the "
+        "next test's sandbox before it forks the current test, so the build overlaps the "
+        "previous test (on another core), and it removes a cgroup one test later: its time "
+        "per test is not bounded below by this sum ('x floor' under 1 is possible). The padded "
+        "figures show what pytest's size adds to the test phase.",
         "  ",
     )
     return lines
+
+
+def _phases(split: dict[str, dict[str, Any]]) -> str:
+    """``ns build 3.10 / test 1.90 / teardown 0.70; ...`` for the sandbox levels."""
+    parts = []
+    for level, figures in split.items():
+        if level == "fork" or not figures:
+            continue
+        named = " / ".join(
+            f"{phase} {figures[phase]['median']:.2f}"
+            for phase in ("build", "test", "teardown")
+            if phase in figures
+        )
+        parts.append(f"{level} {named}")
+    return "; ".join(parts)
 
 
 def _overlay(report: dict[str, Any]) -> list[str]:
@@ -248,22 +292,38 @@ def _memory(report: dict[str, Any]) -> list[str]:
         if "problem" in figures:
             rows.append([label, figures["problem"][:60], "", "", ""])
             continue
-        for who, name, count in (
-            ("parent", "pytest parent", "1"),
-            ("sandbox", "its children", str(figures["processes"])),
-        ):
-            f = figures[who]
+        entries = [("pytest parent", 1, figures["parent"])]
+        parts = figures.get("parts", {})
+        if len(parts) > 1:
+            entries += [
+                (_PART_NAMES.get(part, part), f["processes"], f) for part, f in parts.items()
+            ]
+        entries.append(("all its children", figures["processes"], figures["sandbox"]))
+        for name, count, f in entries:
             rows.append(
                 [
                     f"{label}: {name}",
-                    count,
+                    str(count),
                     f"{f['rss'] / MB:.1f}",
                     f"{f['pss'] / MB:.1f}",
                     f"{f['private'] / MB:.1f}",
                 ]
             )
     lines += _table(["process", "n", "Rss MB", "Pss MB", "Private MB"], rows)
+    if len(m.get("full", {}).get("parts", {})) > 1:
+        lines += _wrap(
+            "the factory is one per session (a python -I -S of its own); outer and init are "
+            "forked from it, the test process from pytest",
+            "  ",
+        )
     return lines
+
+
+_PART_NAMES = {
+    "factory": "the sandbox factory",
+    "outer_init": "outer + init",
+    "test": "the test process",
+}
 
 
 def _targets(report: dict[str, Any]) -> list[str]:

@@ -49,17 +49,22 @@ ROWS = (
     _step(
         "ns",
         "nsbox (a) namespaces",
-        "-p nsbench.steps_plugin, NSBENCH_STEP=ns: pytest_nsbox.runner.run + sandbox.* + "
-        "childrun.SandboxedItem with the SandboxSpec of --nsbox (mnt/pid/net/uts/ipc/cgroup, "
-        "the test process's user+mnt), loopback_request=None, filesystem.set_up replaced "
-        "by a stub (make mounts private, mount the new /proc)",
+        "-p nsbench.steps_plugin, NSBENCH_STEP=ns: the engine as the plugin drives it, without "
+        "the plugin: one pytest_nsbox.factory.SandboxFactory per session, the next test's "
+        "sandbox asked for with prepare() before the current test is forked (built meanwhile), "
+        "pending.wait(), runner.run(prepared, childrun.SandboxedItem) forking the test once "
+        "into it, prepared.close() after. --nsbox's SandboxSpec (outer: mnt/pid/net/uts/ipc; "
+        "init: cgroup; the test joins them and the lock user+mnt with setns), lo left down, no "
+        "hostname; the factory's interpreter imports nsbench.ns_stub before serve(), which "
+        "replaces filesystem.set_up with a stub (make mounts private, mount the new /proc). "
+        "Without a cgroup, runner.run waits for init's leftover check before it returns",
         "ns",
     ),
     _step(
         "overlay",
         "nsbox (b) + overlay",
-        "as (a) with the real filesystem.set_up: scratch tmpfs, overlay on the rootdir, "
-        "private /tmp and /dev/shm, basetemp bound through, /proc",
+        "as (a) with the plain SandboxFactory, so the real filesystem.set_up: scratch tmpfs, "
+        "overlay on the rootdir, private /tmp and /dev/shm, basetemp bound through, /proc",
         "overlay",
     ),
     _step(
@@ -71,9 +76,14 @@ ROWS = (
     _step(
         "cgroup",
         "nsbox (c) + cgroup, engine",
-        "as (c) plus pytest_nsbox.cgroups: open_manager() once, create(Limits(256m, 1 cpu, "
-        "64 pids)) per test, attached in the child, kill()+remove() after; none of the "
-        "plugin's per-test bookkeeping (settings, hostname, usage, outcomes, records)",
+        "as (c) plus a cgroup per test: pytest_nsbox.cgroups.open_manager() once, "
+        "manager.plan(Limits(256m, 1 cpu, 64 pids)) per test passed to prepare() (the "
+        "sandbox's init makes and joins it, the test process joins it), removed one test later "
+        "as the plugin's session does (rmdir; kill()+remove() only if not empty); also the "
+        "plugin's per-test hostname "
+        "(nsbox-<test name>). With a cgroup, runner.run counts the cgroup's tasks instead of "
+        "waiting for init. None of the plugin's other per-test work (settings, usage, "
+        "outcomes, records)",
         "full",
     ),
     Row(

@@ -17,9 +17,10 @@ Loaded with ``-p nsbench.steps_plugin``; ``$NSBENCH_STEP`` picks what each test 
     ``pytest_nsbox.childrun.SandboxedItem`` as its work, and
     ``prepared.close()`` after (``pytest_nsbox.plugin._run_sandboxed`` and
     ``pytest_nsbox.session``'s ``sandbox_for`` / ``prepare_next`` /
-    ``release``, without the settings, usage, outcomes and records). The
-    SandboxSpec is ``--nsbox``'s (mnt/pid/net/uts/ipc, init's cgroup
-    namespace, the lock namespace), with lo left down and no hostname. The
+    ``release``, a sandbox whose init died meanwhile built anew, without the
+    settings, usage, outcomes and records). The SandboxSpec is ``--nsbox``'s
+    (mnt/pid/net/uts/ipc, init's cgroup namespace, the lock namespace), with
+    lo left down and no hostname. The
     factory is :class:`NamespacesOnlyFactory`: its interpreter imports
     :mod:`nsbench.ns_stub` before ``serve``, which replaces
     ``filesystem.set_up`` there with a stub that only makes the mounts private
@@ -36,10 +37,11 @@ Loaded with ``-p nsbench.steps_plugin``; ``$NSBENCH_STEP`` picks what each test 
     ``lo`` plus a per-test cgroup: ``manager.plan(Limits(256 MiB, 1 cpu, 64
     pids))`` per test (``pytest_nsbox.cgroups.open_manager()`` once), passed to
     ``prepare()``: the sandbox's init makes it and joins it, the test process
-    joins it; ``kill()`` + ``remove()`` one test later, as the plugin's session
-    does. Also the hostname the plugin gives each test (``nsbox-<test name>``,
-    so a spec per test). With a cgroup, ``runner.run`` reads the cgroup's
-    processes instead of waiting for init.
+    joins it; removed one test later as the plugin's session does (rmdir, and
+    ``kill()`` + ``remove()`` only if something is still in it). Also the
+    hostname the plugin gives each test (``nsbox-<test name>``, so a spec per
+    test). With a cgroup, ``runner.run`` counts the cgroup's tasks instead of
+    waiting for init.
 
 The parent side of every step is the same few lines (log start, run, log the
 reports, log finish), so the rows differ only in how the test process is made.
@@ -168,15 +170,21 @@ class NamespacesOnlyFactory(SandboxFactory):
         return [sys.executable, "-I", "-S", "-c", code]
 
 
-def _engine_spec(config: pytest.Config, step: str, settings: SandboxSettings) -> SandboxSpec:
-    """The SandboxSpec of this step, built once per session as the plugin builds its own."""
+def _engine_spec(
+    config: pytest.Config, step: str, settings: SandboxSettings, factory: SandboxFactory
+) -> SandboxSpec:
+    """The SandboxSpec of this step, built once per session as the plugin builds its own.
+
+    The machine is probed through the session's factory, as the plugin's
+    session does (one factory interpreter per session).
+    """
     from pytest_nsbox import probe, sandbox
 
-    caps = probe.probe()
+    caps = probe.verdict(factory)
     if not caps.usable:
         raise pytest.UsageError(f"nsbox cannot sandbox here: {caps.problem}")
-    factory = getattr(config, "_tmp_path_factory", None)
-    passthrough = (str(factory.getbasetemp()),) if factory is not None else ()
+    tmp_path_factory = getattr(config, "_tmp_path_factory", None)
+    passthrough = () if tmp_path_factory is None else (str(tmp_path_factory.getbasetemp()),)
     spec = sandbox.build_spec(
         rootdir=str(config.rootpath),
         cwd=os.getcwd(),
@@ -205,11 +213,17 @@ class _Engine:
 
         self.step = step
         self.settings = SandboxSettings()
-        self.spec = _engine_spec(config, step, self.settings)
-        self.manager: CgroupManager | None = cgroups.open_manager() if step == "cgroup" else None
         self.factory = NamespacesOnlyFactory() if step == "ns" else SandboxFactory()
+        self.manager: CgroupManager | None = None
         self.next: PendingSandbox | None = None
         self.retired: list[SandboxCgroup] = []
+        try:
+            self.spec = _engine_spec(config, step, self.settings, self.factory)
+            if step == "cgroup":
+                self.manager = cgroups.open_manager()
+        except BaseException:
+            self.factory.close()
+            raise
 
     def spec_for(self, item: pytest.Item) -> SandboxSpec:
         if self.step != "cgroup":
@@ -232,8 +246,12 @@ class _Engine:
         pending, self.next = self.next, None
         if pending is not None:
             if pending.spec == spec:
-                return pending.wait()
-            self._discard(pending)
+                prepared = pending.wait()
+                if prepared.setup_error is not None or prepared.alive():
+                    return prepared
+                self.release(prepared)  # its init died meanwhile
+            else:
+                self._discard(pending)
         return self._prepare(spec).wait()
 
     def prepare_next(self, nextitem: pytest.Item | None) -> None:
@@ -251,11 +269,16 @@ class _Engine:
             self._retire(pending.cgroup)
 
     def _retire(self, cgroup: SandboxCgroup) -> None:
+        """Removed one test later, when init has long left it."""
         self.retired.append(cgroup)
         while len(self.retired) > 1:
-            old = self.retired.pop(0)
-            old.kill()
-            old.remove()
+            self._remove(self.retired.pop(0))
+
+    @staticmethod
+    def _remove(cgroup: SandboxCgroup) -> None:
+        if not cgroup.remove_if_empty():
+            cgroup.kill()
+            cgroup.remove()
 
     def close(self) -> None:
         try:
@@ -263,8 +286,7 @@ class _Engine:
                 self._discard(self.next)
                 self.next = None
             for cgroup in self.retired:
-                cgroup.kill()
-                cgroup.remove()
+                self._remove(cgroup)
             self.retired.clear()
         finally:
             self.factory.close()
