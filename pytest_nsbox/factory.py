@@ -35,8 +35,9 @@ from pytest_nsbox.kernel import StepError
 
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Callable
 
-    from pytest_nsbox.cgroups import SandboxCgroup
+    from pytest_nsbox.cgroups import Limits, SandboxCgroup
 
 _MAX_REQUEST = 1 << 20
 # Variables that would have coverage measure the factory itself (it is not the tests' code).
@@ -74,17 +75,7 @@ def serve(sock_fd: int, parent_pid: int) -> None:
             sandbox.run_outer(spec, cgroup, fds[0], factory_pid)
         for fd in fds:
             os.close(fd)
-        _reap_exited()
-
-
-def _reap_exited() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+        sandbox.reap_exited()
 
 
 # -- the pytest side -----------------------------------------------------------
@@ -342,3 +333,105 @@ class SandboxFactory:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+
+
+class SandboxPipeline:
+    """The sandboxes on their way to the tests, as a session's loop of tests meets them.
+
+    One sandbox is built ahead, for the test that runs next; :meth:`take`
+    hands it over when it fits the test that asks (built from an equal
+    spec with equal cgroup limits: the working directory or ``sys.path`` may
+    have changed since, and its init must still run), else it is discarded
+    and a sandbox built now. A test's cgroup is planned by ``plan_cgroup``
+    (the sandbox's init makes it) and removed one test later (see
+    :meth:`_retire`). The pipeline does not own the factory.
+    """
+
+    def __init__(
+        self,
+        factory: SandboxFactory,
+        plan_cgroup: Callable[[Limits | None], SandboxCgroup | None],
+    ) -> None:
+        self.factory = factory
+        self._plan_cgroup = plan_cgroup
+        self._next: PendingSandbox | None = None
+        self._retired: list[SandboxCgroup] = []
+
+    def take(self, spec: sandbox.SandboxSpec, limits: Limits | None) -> PreparedSandbox:
+        """The sandbox for a test: the one built ahead if it fits, else one built now."""
+        pending, self._next = self._next, None
+        if pending is not None:
+            if pending.spec == spec and (pending.cgroup and pending.cgroup.limits) == limits:
+                prepared = pending.wait()
+                if prepared.setup_error is not None or prepared.alive():
+                    return prepared
+                self.release(prepared)  # its init died meanwhile (with a factory that died?)
+            else:
+                self._discard(pending)
+        try:
+            return self._prepare(spec, limits).wait()
+        except StepError as exc:  # the factory could not be started or asked
+            return failed_sandbox(spec, None, exc)
+
+    def prepare_next(self, spec: sandbox.SandboxSpec, limits: Limits | None) -> None:
+        """Ask for the next test's sandbox; a failure is left for that test to meet."""
+        try:
+            self._next = self._prepare(spec, limits)
+        except StepError:
+            self._next = None
+
+    def release(self, prepared: PreparedSandbox) -> None:
+        """After the test: let its init go, and its cgroup once init has left it."""
+        prepared.close()
+        if prepared.cgroup is not None:
+            self._retire(prepared.cgroup)
+
+    def close(self) -> None:
+        """Drop the sandbox built ahead and remove every cgroup left; twice is fine.
+
+        Each cgroup is tried even if one fails; the first failure is raised.
+        """
+        if self._next is not None:
+            self._discard(self._next)
+            self._next = None
+        failure: BaseException | None = None
+        while self._retired:
+            try:
+                _remove(self._retired.pop(0))
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _prepare(self, spec: sandbox.SandboxSpec, limits: Limits | None) -> PendingSandbox:
+        cgroup = self._plan_cgroup(limits)
+        try:
+            return self.factory.prepare(spec, cgroup)
+        except BaseException:
+            if cgroup is not None:
+                self._retire(cgroup)
+            raise
+
+    def _discard(self, pending: PendingSandbox) -> None:
+        pending.discard()
+        if pending.cgroup is not None:
+            self._retire(pending.cgroup)
+
+    def _retire(self, cgroup: SandboxCgroup) -> None:
+        """Remove a finished test's cgroup, one test later.
+
+        When the test's reports are in, its init is only just told to end;
+        a test later its cgroup is empty and rmdir is immediate, where right
+        away it would wait for init's exit. (Removed while the next test
+        runs instead, it slowed that test's start: the parent's page writes
+        then race the child's copy-on-write faults.)
+        """
+        self._retired.append(cgroup)
+        while len(self._retired) > 1:
+            _remove(self._retired.pop(0))
+
+
+def _remove(cgroup: SandboxCgroup) -> None:
+    if not cgroup.remove_if_empty():
+        cgroup.kill()
+        cgroup.remove()

@@ -300,7 +300,7 @@ def _reap_until_finished(channel_fd: int, wakeup: int) -> bool:
             if fd == wakeup:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wakeup, 4096)
-                _reap_exited()
+                reap_exited()
             else:
                 try:
                     return os.read(channel_fd, 1) == FINISHED
@@ -308,7 +308,8 @@ def _reap_until_finished(channel_fd: int, wakeup: int) -> bool:
                     return False
 
 
-def _reap_exited() -> None:
+def reap_exited() -> None:
+    """Reap every child that has exited, without waiting for the others."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)

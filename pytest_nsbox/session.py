@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from pytest_nsbox import cgroups, kernel, outcomes, probe, sandbox, writes
+from pytest_nsbox import cgroups, outcomes, probe, sandbox, writes
 from pytest_nsbox.config import SandboxSettings, SessionOptions, format_size
-from pytest_nsbox.factory import PendingSandbox, PreparedSandbox, SandboxFactory, failed_sandbox
+from pytest_nsbox.factory import PreparedSandbox, SandboxFactory, SandboxPipeline
 from pytest_nsbox.runner import SandboxRun
 
 TOP_N = 5
@@ -57,9 +57,8 @@ class NsboxSession:
         self._cgroup_problem: str | None = None
         self._cgroups_asked = False
         self.factory = SandboxFactory()
+        self.pipeline = SandboxPipeline(self.factory, self._plan_cgroup)
         self._capabilities: probe.Capabilities | None = None
-        self._next: PendingSandbox | None = None
-        self._retired: list[cgroups.SandboxCgroup] = []
 
     # -- what this machine can do --------------------------------------------
 
@@ -150,79 +149,21 @@ class NsboxSession:
             return None
         return cgroups.Limits(settings.memory, settings.cpu, settings.pids)
 
-    def _prepare(self, spec: sandbox.SandboxSpec, limits: cgroups.Limits | None) -> PendingSandbox:
+    def _plan_cgroup(self, limits: cgroups.Limits | None) -> cgroups.SandboxCgroup | None:
+        """The test's cgroup, only planned here: the sandbox's init makes it."""
         manager = self.cgroup_manager()
-        # Only planned here: the sandbox's init makes it.
-        cgroup = manager.plan(limits) if manager is not None and limits is not None else None
-        try:
-            return self.factory.prepare(spec, cgroup)
-        except BaseException:
-            if cgroup is not None:
-                self._retire(cgroup)
-            raise
+        return manager.plan(limits) if manager is not None and limits is not None else None
 
     def sandbox_for(self, item: pytest.Item, settings: SandboxSettings) -> PreparedSandbox:
-        """The test's sandbox: the one built while the previous test ran, if it fits.
-
-        It fits when it was built from an equal spec with equal limits (the
-        working directory or ``sys.path`` may have changed since it was asked
-        for) and its init still runs; else a new one is built now.
-        """
-        spec = self.spec_for(item, settings)
-        limits = self._limits(settings)
-        pending, self._next = self._next, None
-        if pending is not None:
-            if pending.spec == spec and (pending.cgroup and pending.cgroup.limits) == limits:
-                prepared = pending.wait()
-                if prepared.setup_error is not None or prepared.alive():
-                    return prepared
-                self.release(prepared)  # its init died meanwhile (with a factory that died?)
-            else:
-                self._discard(pending)
-        try:
-            return self._prepare(spec, limits).wait()
-        except kernel.StepError as exc:  # the factory could not be started or asked
-            return failed_sandbox(spec, None, exc)
+        """The test's sandbox: the one built while the previous test ran, if it fits."""
+        return self.pipeline.take(self.spec_for(item, settings), self._limits(settings))
 
     def prepare_next(self, item: pytest.Item, settings: SandboxSettings) -> None:
-        """Ask for the sandbox of the test that runs next, to be built while this one runs.
-
-        A failure here is left for that test to meet when it builds its own.
-        """
-        try:
-            self._next = self._prepare(self.spec_for(item, settings), self._limits(settings))
-        except kernel.StepError:
-            self._next = None
+        """Ask for the sandbox of the test that runs next, to be built while this one runs."""
+        self.pipeline.prepare_next(self.spec_for(item, settings), self._limits(settings))
 
     def release(self, prepared: PreparedSandbox) -> None:
-        """After the test: let its init go, and its cgroup once init has left it."""
-        prepared.close()
-        if prepared.cgroup is not None:
-            self._retire(prepared.cgroup)
-
-    def _discard(self, pending: PendingSandbox) -> None:
-        pending.discard()
-        if pending.cgroup is not None:
-            self._retire(pending.cgroup)
-
-    def _retire(self, cgroup: cgroups.SandboxCgroup) -> None:
-        """Remove a finished test's cgroup, one test later.
-
-        When the test's reports are in, its init is only just told to end;
-        a test later its cgroup is empty and rmdir is immediate, where right
-        away it would wait for init's exit. (Removed while the next test
-        runs instead, it slowed that test's start: the parent's page writes
-        then race the child's copy-on-write faults.)
-        """
-        self._retired.append(cgroup)
-        while len(self._retired) > 1:
-            self._remove(self._retired.pop(0))
-
-    @staticmethod
-    def _remove(cgroup: cgroups.SandboxCgroup) -> None:
-        if not cgroup.remove_if_empty():
-            cgroup.kill()
-            cgroup.remove()
+        self.pipeline.release(prepared)
 
     def timeout_for(self, item: pytest.Item, settings: SandboxSettings) -> float | None:
         candidates = [t for t in (settings.timeout, self.plugin_timeouts.get(item.nodeid)) if t]
@@ -331,13 +272,11 @@ class NsboxSession:
                 json.dump({"version": 1, "tests": self.records}, out, indent=2)
 
     def close(self) -> None:
-        if self._next is not None:
-            self._discard(self._next)
-            self._next = None
-        for cgroup in self._retired:
-            self._remove(cgroup)
-        self._retired.clear()
-        self.factory.close()
-        if self._manager is not None:
-            self._manager.close()
-            self._manager = None
+        """End the session's sandboxes, factory and cgroups; each step runs even if one fails."""
+        try:
+            self.pipeline.close()
+        finally:
+            self.factory.close()
+            if self._manager is not None:
+                manager, self._manager = self._manager, None
+                manager.close()

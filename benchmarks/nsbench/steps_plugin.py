@@ -64,7 +64,7 @@ import pytest_nsbox
 from pytest_nsbox import childrun, runner
 from pytest_nsbox.cgroups import CgroupManager, Limits, SandboxCgroup
 from pytest_nsbox.config import SandboxSettings
-from pytest_nsbox.factory import PendingSandbox, PreparedSandbox, SandboxFactory
+from pytest_nsbox.factory import PreparedSandbox, SandboxFactory, SandboxPipeline
 from pytest_nsbox.sandbox import SandboxSpec
 
 STEPS = ("fork", "ns", "overlay", "lo", "cgroup")
@@ -204,8 +204,9 @@ def _engine_spec(
 class _Engine:
     """One session's engine state, kept as ``pytest_nsbox.session.NsboxSession`` keeps it.
 
-    The factory, the sandbox asked for the next test, and (the cgroup row) the
-    cgroup manager and the cgroup of the test before, removed one test later.
+    The factory and the plugin's own :class:`SandboxPipeline` (the sandbox
+    built ahead for the next test; the cgroup row's cgroups, planned per test
+    and removed one test later), without the plugin's settings and records.
     """
 
     def __init__(self, config: pytest.Config, step: str) -> None:
@@ -215,8 +216,7 @@ class _Engine:
         self.settings = SandboxSettings()
         self.factory = NamespacesOnlyFactory() if step == "ns" else SandboxFactory()
         self.manager: CgroupManager | None = None
-        self.next: PendingSandbox | None = None
-        self.retired: list[SandboxCgroup] = []
+        self.pipeline = SandboxPipeline(self.factory, self._plan_cgroup)
         try:
             self.spec = _engine_spec(config, step, self.settings, self.factory)
             if step == "cgroup":
@@ -225,69 +225,31 @@ class _Engine:
             self.factory.close()
             raise
 
+    def _plan_cgroup(self, limits: Limits | None) -> SandboxCgroup | None:
+        return self.manager.plan(limits) if self.manager is not None and limits else None
+
+    def _limits(self) -> Limits | None:
+        return LIMITS if self.manager is not None else None
+
     def spec_for(self, item: pytest.Item) -> SandboxSpec:
         if self.step != "cgroup":
             return self.spec
         return dataclasses.replace(self.spec, hostname=self.settings.hostname_for(item.nodeid))
 
-    def _prepare(self, spec: SandboxSpec) -> PendingSandbox:
-        # Only planned here: the sandbox's init makes it.
-        cgroup = self.manager.plan(LIMITS) if self.manager is not None else None
-        try:
-            return self.factory.prepare(spec, cgroup)
-        except BaseException:
-            if cgroup is not None:
-                self._retire(cgroup)
-            raise
-
     def sandbox_for(self, item: pytest.Item) -> PreparedSandbox:
-        """The sandbox built while the previous test ran, if its spec fits; else one now."""
-        spec = self.spec_for(item)
-        pending, self.next = self.next, None
-        if pending is not None:
-            if pending.spec == spec:
-                prepared = pending.wait()
-                if prepared.setup_error is not None or prepared.alive():
-                    return prepared
-                self.release(prepared)  # its init died meanwhile
-            else:
-                self._discard(pending)
-        return self._prepare(spec).wait()
+        """The sandbox built while the previous test ran, if it fits; else one now."""
+        return self.pipeline.take(self.spec_for(item), self._limits())
 
     def prepare_next(self, nextitem: pytest.Item | None) -> None:
         if nextitem is not None:
-            self.next = self._prepare(self.spec_for(nextitem))
+            self.pipeline.prepare_next(self.spec_for(nextitem), self._limits())
 
     def release(self, prepared: PreparedSandbox) -> None:
-        prepared.close()
-        if prepared.cgroup is not None:
-            self._retire(prepared.cgroup)
-
-    def _discard(self, pending: PendingSandbox) -> None:
-        pending.discard()
-        if pending.cgroup is not None:
-            self._retire(pending.cgroup)
-
-    def _retire(self, cgroup: SandboxCgroup) -> None:
-        """Removed one test later, when init has long left it."""
-        self.retired.append(cgroup)
-        while len(self.retired) > 1:
-            self._remove(self.retired.pop(0))
-
-    @staticmethod
-    def _remove(cgroup: SandboxCgroup) -> None:
-        if not cgroup.remove_if_empty():
-            cgroup.kill()
-            cgroup.remove()
+        self.pipeline.release(prepared)
 
     def close(self) -> None:
         try:
-            if self.next is not None:
-                self._discard(self.next)
-                self.next = None
-            for cgroup in self.retired:
-                self._remove(cgroup)
-            self.retired.clear()
+            self.pipeline.close()
         finally:
             self.factory.close()
             if self.manager is not None:
