@@ -60,7 +60,11 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     nsbox = config.stash.get(session_key, None)
     if nsbox is None or not sys.platform.startswith("linux"):
         return None
-    return "nsbox: " + nsbox.describe()
+    header = "nsbox: " + nsbox.describe()
+    if config.pluginmanager.has_plugin("dsession"):
+        # A pytest-xdist controller runs no test: its workers have factories of their own.
+        nsbox.factory.close()
+    return header
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -80,6 +84,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         sandboxed += 1
     if errors:
         raise pytest.UsageError("nsbox: invalid sandbox settings:\n  " + "\n  ".join(errors))
+    if not sandboxed:
+        # The header's probe started the factory; a session that sandboxes nothing
+        # does not keep it (idle, it is a process of ~14 MB for the whole session).
+        nsbox.factory.close()
     if sandboxed and (config.getoption("usepdb", False) or config.getoption("trace", False)):
         raise pytest.UsageError(
             "nsbox: --pdb and --trace need the test in this terminal's process, but "

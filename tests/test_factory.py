@@ -1246,3 +1246,27 @@ def test_factory_death_while_idle_then_more_tests(
             assert "sandbox factory" in line, (
                 f"{name} failed without naming the sandbox factory: {line}"
             )
+
+
+def test_a_session_that_sandboxes_nothing_keeps_no_factory(pytester: pytest.Pytester) -> None:
+    """The header's probe starts the factory; with no sandboxed test it is gone after collection."""
+    pytester.makepyfile(
+        test_plain=f"""
+        import os, re
+
+        def test_no_factory_while_tests_run():
+            me = str(os.getpid()).encode()
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        cmdline = open(f"/proc/{{entry}}/cmdline", "rb").read()
+                    except OSError:
+                        continue
+                    assert not (
+                        {FACTORY_MODULE!r} in cmdline and re.search(rb"serve\\(\\d+, " + me + rb"\\)", cmdline)
+                    ), f"factory {{entry}} still running"
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.stdout.fnmatch_lines(["nsbox: *namespaces*"])  # the header still probed
+    result.assert_outcomes(passed=1)
