@@ -3,7 +3,7 @@
 What a sandbox costs most is forking: each fork of the pytest process copies
 its page tables and then its pages as they are touched, and a sandbox needs
 three processes (outer, init, test; see :mod:`pytest_nsbox.sandbox`). So
-pytest starts one factory per session, a fresh interpreter of a few MB that
+pytest starts one factory per session, a fresh interpreter (about 14 MB) that
 imports only the sandbox's own modules, and asks it for the sandbox of the
 *next* test while the current one runs. The factory forks outer and init
 from itself (cheap: it is small), init builds the namespaces, mounts and

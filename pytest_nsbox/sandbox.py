@@ -9,17 +9,19 @@ is forked once per test instead of once per sandbox process::
                            (joins init's namespaces with setns)
 
 * **outer** enters the new namespaces (mnt, pid, net, uts, ipc; plus user
-  when pytest is not root) and forks init;
+  when pytest is not root) and forks init; once init's mounts are done it
+  becomes the *lock namespace*: it unshares one more user and mount
+  namespace (a copy of init's mounts), whose id maps init writes. Every
+  mount seen from there came from a more privileged mount namespace, so the
+  kernel locks them: even as root the test cannot unmount the overlay or
+  the private ``/proc`` to reach what is beneath, nor clear a read-only
+  flag;
 * **init** is pid 1 of the new pid namespace: it builds the file system view
-  and the network, joins the test's cgroup and gives itself a cgroup
-  namespace rooted there, and makes the *lock namespace*: one more user and
-  mount namespace, whose id maps init writes. Every mount seen from there
-  came from a more privileged mount namespace, so the kernel locks them:
-  even as root the test cannot unmount the overlay or the private ``/proc``
-  to reach what is beneath, nor clear a read-only flag. Init sends the
-  pytest process a descriptor of each namespace, reaps orphans while the
-  test runs, then lists and kills whatever the test left running, and
-  reports what only it can see;
+  and the network, makes and joins the test's cgroup and gives itself a
+  cgroup namespace rooted there, and sends the pytest process a descriptor
+  of each namespace. It reaps orphans while the test runs; when pytest asks
+  (something is left in the cgroup, or the writes are listed) it lists and
+  kills whatever the test left running and reports what only it can see;
 * **test** is forked from pytest into init's pid namespace (pytest points
   its pid namespace for children there for the one ``fork``; a plain user
   cannot, so a first fork joins the user and pid namespaces and forks the
