@@ -107,13 +107,16 @@ class PreparedSandbox:
             own.append(self.init_pidfd)
         return tuple(own)
 
-    def alive(self) -> bool:
-        """Whether init still runs (its pidfd turns readable when it exits)."""
+    def alive(self, wait: float = 0.0) -> bool:
+        """Whether init still runs, after waiting up to ``wait`` seconds for it to exit.
+
+        Its pidfd turns readable when it has exited.
+        """
         if self.init_pidfd is None:
             return False
         poller = select.poll()
         poller.register(self.init_pidfd, select.POLLIN)
-        return not poller.poll(0)
+        return not poller.poll(int(wait * 1000))
 
     def release_namespaces(self) -> None:
         """Close the namespace descriptors, once the test process has joined them."""

@@ -27,6 +27,7 @@ from pytest_nsbox.factory import PreparedSandbox, SandboxFactory
 _READ_CHUNK = 1 << 20
 _PIPE_SIZE = 1 << 20
 _DRAIN_SECONDS = 0.02
+_INIT_EXIT_GRACE = 0.2  # seconds init may take to finish dying (see _init_outlived)
 
 
 @dataclass
@@ -132,17 +133,30 @@ def run(
         gc.unfreeze()
     for data in child.buffers.values():
         _decode(data, result)
-    setup_error = result.first("setup_error")
-    if setup_error is not None and result.init_lost is not None:
-        setup_error["message"] = f"{setup_error['message']}; {result.init_lost}"
     if result.test_status is None:
         exit_frame = result.first("exit")
         if exit_frame is not None:
             result.test_status = int(exit_frame["status"])
         elif spec.privileged:
             result.test_status = result.child_status
+    setup_error = result.first("setup_error")
+    if setup_error is not None and result.init_lost is not None:
+        setup_error["message"] = f"{setup_error['message']}; {result.init_lost}"
     result.wall_seconds = time.monotonic() - started
     return result
+
+
+def _init_outlived(prepared: PreparedSandbox, child_status: int | None) -> bool:
+    """Whether init is still there now that pytest's child ended (before init is told).
+
+    A child killed by SIGKILL may be one its pid namespace's end took: init
+    kills the namespace's processes on its way out, before its pidfd says
+    it exited, so init gets a moment to finish.
+    """
+    killed = child_status is not None and (
+        os.WIFSIGNALED(child_status) and os.WTERMSIG(child_status) == signal.SIGKILL
+    )
+    return prepared.alive(_INIT_EXIT_GRACE if killed else 0.0)
 
 
 def _init_lost(prepared: PreparedSandbox, factory: SandboxFactory) -> str:
@@ -248,7 +262,7 @@ def _collect(
                 continue
             if fd == child.pidfd:
                 _reap(child.pid, result)
-                if not result.timed_out and not prepared.alive():
+                if not result.timed_out and not _init_outlived(prepared, result.child_status):
                     result.init_lost = _init_lost(prepared, factory)
                 poller.unregister(child.pidfd)
                 watched.discard(child.pidfd)
