@@ -34,6 +34,8 @@ except cgroups.CgroupUnavailable:
 needs_cgroups = pytest.mark.skipif(not HAVE_CGROUPS, reason="needs cgroups")
 
 FACTORY_MODULE = b"pytest_nsbox.factory"
+with open("/proc/self/comm") as _comm:
+    PROCESS_NAME = _comm.read().strip()  # what a fork of an in-process session's test is called
 
 # Pasted into inner test modules: what a sandboxed test must not have inherited.
 DESCRIPTOR_CHECK = r'''
@@ -911,7 +913,8 @@ def test_8_limited_next_passes():
 """
 
 
-def check_report_output(output: str, limited: bool) -> None:
+def check_report_output(output: str, limited: bool, fork_name: str) -> None:
+    """``fork_name``: a pattern for the name of a fork of the test process (its pytest's name)."""
     assert "passed" in output and "failed" not in output.splitlines()[-1], output
     assert re.search(
         r"test_1_leaves_sleep_running: left running, killed: sleep \(pid 3\)", output
@@ -920,7 +923,8 @@ def check_report_output(output: str, limited: bool) -> None:
         r"test_3_leaves_a_daemon: left running, killed: (sleep|sh) \(pid \d+\)", output
     ), output
     assert re.search(
-        r"test_4_leaves_a_fork_holding_the_pipes: left running, killed: python\S* \(pid 3\)", output
+        rf"test_4_leaves_a_fork_holding_the_pipes: left running, killed: {fork_name} \(pid 3\)",
+        output,
     ), output
     assert "pid 3: sleep (sleep 30)" in output, output
     assert "nsbox: files written to the repo (thrown away)" in output, output
@@ -942,7 +946,9 @@ def test_after_test_report(pytester: pytest.Pytester) -> None:
     before = descendants(me)
     result = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-p", "no:randomly")
     result.assert_outcomes(passed=6 + (2 if HAVE_CGROUPS else 0))
-    check_report_output(result.stdout.str(), HAVE_CGROUPS)
+    # In-process: a fork of the test is named as this process ("python", or "pytest"
+    # when launched by its entry-point script, as under tox).
+    check_report_output(result.stdout.str(), HAVE_CGROUPS, re.escape(PROCESS_NAME))
     assert (pytester.path / "doomed.txt").exists()
     assert not (pytester.path / "written.txt").exists()
     assert wait_for(lambda: not (descendants(me) - before), 5)
@@ -955,7 +961,7 @@ def test_after_test_report_rootless(plain_user: PlainUser, user_project: Path) -
     code, output = run_user_pytest(user_project, plain_user, "-p", "no:randomly")
     assert code == 0, output
     assert "6 passed" in output, output
-    check_report_output(output, limited=False)
+    check_report_output(output, limited=False, fork_name=r"python\S*")  # python -m pytest
     assert (user_project / "doomed.txt").exists()
     assert not (user_project / "written.txt").exists()
 
