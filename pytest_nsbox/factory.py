@@ -118,18 +118,11 @@ class PreparedSandbox:
         poller.register(self.init_pidfd, select.POLLIN)
         return not poller.poll(int(wait * 1000))
 
-    def release_namespaces(self) -> None:
-        """Close the namespace descriptors, once the test process has joined them."""
-        for fd in self.namespaces.values():
-            os.close(fd)
-        self.namespaces = {}
-
     def close(self) -> None:
         """Let init go: it ends when its channel closes. Closing twice is fine."""
-        self.release_namespaces()
-        for fd in self.mounts.values():
+        for fd in (*self.namespaces.values(), *self.mounts.values()):
             os.close(fd)
-        self.mounts = {}
+        self.namespaces, self.mounts = {}, {}
         if self.init_pidfd is not None:
             os.close(self.init_pidfd)
             self.init_pidfd = None
@@ -167,20 +160,14 @@ class PendingSandbox:
                     raise protocol.ProtocolError("the sandbox's init exited before it was ready")
                 frames = reader.feed(data)
         except (OSError, protocol.ProtocolError) as exc:
-            for fd in received:
-                os.close(fd)
-            return self._failed({"step": "prepare the sandbox", "message": str(exc)})
+            return self._failed({"step": "prepare the sandbox", "message": str(exc)}, received)
         frame = frames[0]
         if frame.kind != "ready":
-            for fd in received:
-                os.close(fd)
-            return self._failed(frame.body)
+            return self._failed(frame.body, received)
         names = [*frame.body["namespaces"], *frame.body["mounts"]]
         if len(received) != len(names) + 1:
-            for fd in received:
-                os.close(fd)
             message = f"init sent {len(received)} descriptors for {len(names) + 1}"
-            return self._failed({"step": "prepare the sandbox", "message": message})
+            return self._failed({"step": "prepare the sandbox", "message": message}, received)
         by_name = dict(zip(names, received, strict=False))
         return PreparedSandbox(
             self.spec,
@@ -192,7 +179,10 @@ class PendingSandbox:
             factory_pid=self.factory_pid,
         )
 
-    def _failed(self, error: dict[str, Any]) -> PreparedSandbox:
+    def _failed(self, error: dict[str, Any], received: list[int]) -> PreparedSandbox:
+        """A sandbox that failed to be ready; ``received`` are descriptors to close."""
+        for fd in received:
+            os.close(fd)
         death = self.factory.death(self.factory_pid)
         if death is not None:  # the factory's end is why outer or init gave up
             error = {**error, "message": f"{error['message']}; {death}"}
@@ -205,11 +195,9 @@ class PendingSandbox:
         self.channel.close()
 
 
-def failed_sandbox(
-    spec: sandbox.SandboxSpec, cgroup: SandboxCgroup | None, exc: StepError
-) -> PreparedSandbox:
+def _not_asked(spec: sandbox.SandboxSpec, exc: StepError) -> PreparedSandbox:
     """A sandbox that could not even be asked for: the step that failed, as a setup error."""
-    return PreparedSandbox(spec, cgroup, None, setup_error={"step": exc.step, "message": str(exc)})
+    return PreparedSandbox(spec, None, None, setup_error={"step": exc.step, "message": str(exc)})
 
 
 class SandboxFactory:
@@ -374,7 +362,7 @@ class SandboxPipeline:
         try:
             return self._prepare(spec, limits).wait()
         except StepError as exc:  # the factory could not be started or asked
-            return failed_sandbox(spec, None, exc)
+            return _not_asked(spec, exc)
 
     def prepare_next(self, spec: sandbox.SandboxSpec, limits: Limits | None) -> None:
         """Ask for the next test's sandbox; a failure is left for that test to meet."""

@@ -50,7 +50,8 @@ def _escape_option(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def _open_path(path: str) -> int:
+def open_path(path: str) -> int:
+    """An O_PATH descriptor of ``path``, naming it if that fails."""
     try:
         return os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
@@ -165,18 +166,18 @@ def set_up(plan: FilesystemPlan) -> tuple[int, int]:
     """
     kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, None)
     hidden_tops = ["/dev/shm", "/tmp"] if plan.private_tmp else ["/dev/shm"]
-    held = {path: _open_path(path) for path in plan.passthrough}
+    held = {path: open_path(path) for path in plan.passthrough}
     # Never a hidden top itself: a script run from /tmp puts "/tmp" on
     # sys.path, and binding that back would undo the private /tmp.
     readonly = {
-        path: _open_path(path)
+        path: open_path(path)
         for path in _outermost(tuple(p for p in plan.readonly if p not in hidden_tops))
         if any(_under(path, top) for top in hidden_tops) and not _under(path, plan.rootdir)
     }
     lower_fd = os.open(plan.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     scratch_fd = mount_scratch_and_overlay(plan)
     if any(_under(plan.rootdir, top) for top in hidden_tops):
-        held[plan.rootdir] = _open_path(plan.rootdir)
+        held[plan.rootdir] = open_path(plan.rootdir)
     if plan.private_tmp:
         kernel.mount(
             "nsbox-tmp",

@@ -135,12 +135,10 @@ def run_outer(
             _set_oom_score_adj(-1000)
         kernel.unshare(spec.namespaces)
         if spec.namespaces & kernel.CLONE_NEWUSER:
-            _write_id_maps(
-                "self", f"{spec.uid} {spec.uid} 1", f"{spec.gid} {spec.gid} 1", deny_setgroups=True
-            )
+            _write_id_maps("self", *_own_id_maps(spec), deny_setgroups=True)
         ask_r, ask_w = os.pipe2(os.O_CLOEXEC)
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
-        lock = _LockNamespace(os.getpid(), _open_path("/proc"), ask_w, done_r)
+        lock = _LockNamespace(os.getpid(), filesystem.open_path("/proc"), ask_w, done_r)
         init_pid = os.fork()
         if init_pid == 0:
             os.close(ask_r)
@@ -194,7 +192,7 @@ def _run_init(
         namespaces.update(_make_lock_namespace(spec, lock))
         mounts = {"scratch": scratch_fd}
         if spec.filesystem.private_tmp:
-            mounts["tmp"] = _open_path("/tmp")
+            mounts["tmp"] = filesystem.open_path("/tmp")
         pidfd = os.pidfd_open(os.getpid())
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         wakeup = _wake_on_sigchld()
@@ -239,13 +237,6 @@ def _open_namespace(path: str, proc_fd: int | None = None) -> int:
         raise kernel.SandboxSetupError(f"open {where}", exc.errno or 0) from None
 
 
-def _open_path(path: str) -> int:
-    try:
-        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise kernel.SandboxSetupError(f"open {path}", exc.errno or 0) from None
-
-
 def _make_lock_namespace(spec: SandboxSpec, lock: _LockNamespace) -> dict[str, int]:
     """Have outer unshare the lock namespace; write its id maps and open it.
 
@@ -267,9 +258,7 @@ def _make_lock_namespace(spec: SandboxSpec, lock: _LockNamespace) -> dict[str, i
     if reply != b"u":
         raise kernel.SandboxSetupError("lock namespace: unshare(user+mnt) in outer", int(reply))
     outer = str(lock.outer_pid)
-    ids = (_MAP_ALL_IDS, _MAP_ALL_IDS)
-    if not spec.privileged:
-        ids = (f"{spec.uid} {spec.uid} 1", f"{spec.gid} {spec.gid} 1")
+    ids = (_MAP_ALL_IDS, _MAP_ALL_IDS) if spec.privileged else _own_id_maps(spec)
     try:
         _write_id_maps(outer, *ids, deny_setgroups=False, proc_fd=lock.host_proc)
         return {
@@ -455,6 +444,11 @@ def _die_with_parent(parent_pid: int) -> None:
     kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(EXIT_SETUP_FAILED)
+
+
+def _own_id_maps(spec: SandboxSpec) -> tuple[str, str]:
+    """The uid and gid maps of a plain user's namespaces: the user's own ids, to themselves."""
+    return f"{spec.uid} {spec.uid} 1", f"{spec.gid} {spec.gid} 1"
 
 
 def _write_id_maps(

@@ -3,8 +3,9 @@
 Built once in ``pytest_configure`` and registered as a plugin, so the hooks
 that need the whole session (logreport, terminal summary, session finish)
 are its methods. It owns the session's sandbox factory and the sandbox
-being built for the next test. What the machine can do is asked lazily, the first time a
-test needs it, so a session that sandboxes nothing pays nothing.
+being built for the next test. What the machine can do is asked once, by
+the report header or the first test that needs it; a session that
+sandboxes nothing closes the factory after collection.
 """
 
 from __future__ import annotations
