@@ -20,6 +20,7 @@ the factory exits, and every init still waiting sees its channel close.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import select
@@ -57,10 +58,14 @@ def serve(sock_fd: int, parent_pid: int) -> None:
     kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         return
+    kernel.set_process_name("nsbox-factory")
     # Ctrl-C reaches the whole process group; pytest decides when the factory ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests = socket.socket(fileno=sock_fd)
     factory_pid = os.getpid()
+    # What the factory holds now it holds for life: frozen, no collection
+    # walks it, so its pages stay shared with the outers and inits it forks.
+    gc.freeze()
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(requests, _MAX_REQUEST, 1, socket.MSG_CMSG_CLOEXEC)

@@ -36,6 +36,7 @@ MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -122,6 +123,14 @@ def sethostname(name: str) -> None:
 def prctl(option: int, arg: int) -> None:
     """prctl(2) with one argument."""
     _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def set_process_name(name: str) -> None:
+    """Name this process in ps and /proc/PID/comm (at most 15 bytes are kept)."""
+    _check(
+        _libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name.encode()), 0, 0, 0),
+        "prctl(PR_SET_NAME)",
+    )
 
 
 class _CapHeader(ctypes.Structure):

@@ -2,21 +2,26 @@
 
 A new network namespace has only ``lo``, and it is down. The request that
 brings it up is an RTM_NEWLINK message built with pyroute2's message classes
-once, in the pytest process (they compile lazily, so building them per test
-would cost milliseconds); the sandbox's init only sends those bytes over a
-plain netlink socket and reads the kernel's acknowledgement, an
-``nlmsgerr``: a netlink header and a signed errno. Decoding that needs only
-``struct``, so the sandbox factory (:mod:`pytest_nsbox.factory`) does not
-import pyroute2 at all. Creating a full ``pyroute2.IPRoute`` in every
-sandbox costs about five times as much.
+once per session, and not in the pytest process: importing pyroute2 takes
+about 170 ms and 10 MB (it brings asyncio, multiprocessing and sqlite3), and
+every fork of pytest pays for its memory again, in page tables copied and
+torn down. So a short-lived interpreter builds the request and prints it;
+the session starts it early (:func:`start_loopback_request`) and reads it
+when the first sandbox needs it. The sandbox's init only sends those bytes
+over a plain netlink socket and reads the kernel's acknowledgement, an
+``nlmsgerr``: a netlink header and a signed errno, decoded with ``struct``.
+Creating a full ``pyroute2.IPRoute`` in every sandbox would cost about five
+times the whole network step.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
-from functools import lru_cache
+import subprocess
+import sys
 
 from pytest_nsbox.kernel import SandboxSetupError
 
@@ -26,9 +31,8 @@ NLMSG_ERROR = 2
 _ACK = struct.Struct("=IHHIIi")
 
 
-@lru_cache(maxsize=1)
-def loopback_up_request() -> bytes:
-    """The encoded RTM_NEWLINK request that sets ``lo`` up."""
+def encode_loopback_up() -> bytes:
+    """The encoded RTM_NEWLINK request that sets ``lo`` up (run in the helper, see above)."""
     from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
     from pyroute2.netlink.rtnl import RTM_NEWLINK
     from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
@@ -42,6 +46,78 @@ def loopback_up_request() -> bytes:
     msg["header"]["sequence_number"] = 1
     msg.encode()
     return bytes(msg.data[: msg["header"]["length"]])
+
+
+class LoopbackRequest:
+    """The lo-up request of this process, built once by a helper interpreter."""
+
+    def __init__(self) -> None:
+        self._helper: subprocess.Popen[bytes] | None = None
+        self._request: bytes | None = None
+
+    def start(self) -> None:
+        """Start building it now (in parallel with whatever pytest does next)."""
+        if self._helper is None and self._request is None:
+            self._helper = subprocess.Popen(
+                _helper_command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+
+    def get(self) -> bytes:
+        """The request's bytes, waiting for the helper the first time."""
+        if self._request is None:
+            self.start()
+            assert self._helper is not None
+            helper, self._helper = self._helper, None
+            out, err = helper.communicate()
+            if helper.returncode != 0 or not out:
+                lines = err.decode(errors="replace").strip().splitlines()
+                raise SandboxSetupError(
+                    "build the lo-up request with pyroute2",
+                    errno.EIO,
+                    f"{' '.join(_helper_command()[:2])} exited with {helper.returncode}: "
+                    + (lines[-1] if lines else "no output"),
+                )
+            self._request = out
+        return self._request
+
+    def discard(self) -> None:
+        """End a helper whose answer nobody asked for."""
+        if self._helper is not None:
+            helper, self._helper = self._helper, None
+            helper.kill()
+            helper.communicate()
+
+
+def _helper_command() -> list[str]:
+    """This interpreter with this process's import path (-S: no site, the path is given)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [package_parent, *sys.path]
+    code = (
+        f"import sys; sys.path[:] = {path!r}; from pytest_nsbox.network import encode_loopback_up; "
+        "sys.stdout.buffer.write(encode_loopback_up())"
+    )
+    return [sys.executable, "-S", "-c", code]
+
+
+_LOOPBACK = LoopbackRequest()
+
+
+def start_loopback_request() -> None:
+    """Have this process's lo-up request built in the background, ahead of its first use."""
+    _LOOPBACK.start()
+
+
+def loopback_up_request() -> bytes:
+    """The encoded RTM_NEWLINK request that sets ``lo`` up."""
+    return _LOOPBACK.get()
+
+
+def discard_loopback_request() -> None:
+    """End the helper if it still runs (a session that sandboxed nothing)."""
+    _LOOPBACK.discard()
 
 
 def bring_loopback_up(request: bytes) -> None:

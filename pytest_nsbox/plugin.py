@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pytest_nsbox import childrun, covdata, hookspecs, outcomes, runner
+from pytest_nsbox import childrun, covdata, hookspecs, network, outcomes, runner
 from pytest_nsbox.config import (
     NsboxConfigError,
     SandboxSettings,
@@ -64,6 +64,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     if config.pluginmanager.has_plugin("dsession"):
         # A pytest-xdist controller runs no test: its workers have factories of their own.
         nsbox.factory.close()
+        network.discard_loopback_request()
     return header
 
 
@@ -71,6 +72,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     nsbox = config.stash[session_key]
     errors = []
     sandboxed = 0
+    loopback = False
     for item in items:
         try:
             settings = settings_for_item(item, nsbox.options)
@@ -80,10 +82,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if settings is None:
             continue
         adjusted = config.hook.pytest_nsbox_settings(item=item, settings=settings)
-        item.stash[settings_key] = adjusted if adjusted is not None else settings
+        item.stash[settings_key] = adjusted = adjusted if adjusted is not None else settings
         sandboxed += 1
+        loopback = loopback or adjusted.network == "loopback"
     if errors:
         raise pytest.UsageError("nsbox: invalid sandbox settings:\n  " + "\n  ".join(errors))
+    if loopback:
+        network.start_loopback_request()
     if not sandboxed:
         # The header's probe started the factory; a session that sandboxes nothing
         # does not keep it (idle, it is a process of ~14 MB for the whole session).

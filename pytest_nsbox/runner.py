@@ -94,6 +94,7 @@ def run(
     # Python between fork and test, it pays for in copied pages.
     closing = tuple({*factory.descriptors(), *prepared.descriptors()})
     test_process = run_test(write_fd)
+    signal_resets = sandbox.signals_to_reset()
     started = time.monotonic()
     # Frozen objects are never traversed by a collection, the child's or
     # (until the child is gone) the parent's, so their pages stay shared
@@ -112,7 +113,13 @@ def run(
     if pid == 0:
         os.close(read_fd)
         sandbox.run_test_process(
-            spec, prepared.namespaces, prepared.cgroup, write_fd, closing, test_process
+            spec,
+            prepared.namespaces,
+            prepared.cgroup,
+            write_fd,
+            closing,
+            test_process,
+            signal_resets,
         )
     os.close(write_fd)
     deadline = None if timeout is None else started + timeout

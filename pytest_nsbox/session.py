@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pytest_nsbox import cgroups, outcomes, probe, sandbox, writes
+from pytest_nsbox import cgroups, network, outcomes, probe, sandbox, writes
 from pytest_nsbox.config import SandboxSettings, SessionOptions, format_size
 from pytest_nsbox.factory import PreparedSandbox, SandboxFactory, SandboxPipeline
 from pytest_nsbox.runner import SandboxRun
@@ -60,6 +60,9 @@ class NsboxSession:
         self.factory = SandboxFactory()
         self.pipeline = SandboxPipeline(self.factory, self._plan_cgroup)
         self._capabilities: probe.Capabilities | None = None
+        if options.sandbox_all and options.defaults.network == "loopback":
+            # Built by a helper interpreter while pytest collects (see network).
+            network.start_loopback_request()
 
     # -- what this machine can do --------------------------------------------
 
@@ -277,6 +280,7 @@ class NsboxSession:
         try:
             self.pipeline.close()
         finally:
+            network.discard_loopback_request()
             self.factory.close()
             if self._manager is not None:
                 manager, self._manager = self._manager, None

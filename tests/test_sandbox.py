@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 
 import pytest
+
+from pytest_nsbox import kernel, network
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -501,3 +505,98 @@ def test_tmp_itself_on_sys_path_stays_private(
         assert not os.path.exists("/tmp/written-inside")
     finally:
         marker.unlink()
+
+
+@pytest.mark.parametrize("how", ["--nsbox", "marker"])
+def test_lo_request_is_built_outside_pytest(pytester: pytest.Pytester, how: str) -> None:
+    """pyroute2 builds the lo-up request in a helper: pytest itself never imports it."""
+    pytester.makeconftest(
+        """
+        import json, sys
+
+        def pytest_sessionfinish(session):
+            with open("imported.json", "w") as out:
+                json.dump(sorted(m for m in sys.modules if m.split(".")[0] == "pyroute2"), out)
+        """
+    )
+    pytester.makepyfile(
+        """
+        import socket
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_lo_is_up():
+            server = socket.create_server(("127.0.0.1", 0))
+            client = socket.create_connection(server.getsockname(), timeout=2)
+            conn, _ = server.accept()
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+        """
+    )
+    args = ["--nsbox"] if how == "--nsbox" else []
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=1)
+    assert json.loads((pytester.path / "imported.json").read_text()) == []
+
+
+def test_helper_builds_the_same_request_pyroute2_builds_here() -> None:
+    assert network.LoopbackRequest().get() == network.encode_loopback_up()
+
+
+def test_failed_lo_request_helper_names_the_step_and_the_cause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broken = [
+        sys.executable,
+        "-S",
+        "-c",
+        "raise ModuleNotFoundError(\"No module named 'pyroute2'\")",
+    ]
+    monkeypatch.setattr(network, "_helper_command", lambda: broken)
+    with pytest.raises(kernel.SandboxSetupError) as info:
+        network.LoopbackRequest().get()
+    message = str(info.value)
+    assert "build the lo-up request with pyroute2" in message
+    assert "exited with 1: ModuleNotFoundError: No module named 'pyroute2'" in message
+
+
+def test_signal_handlers_are_the_tests_own(pytester: pytest.Pytester) -> None:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM ends the test, whatever the parent set."""
+    pytester.makeconftest(
+        """
+        import signal
+
+        def pytest_configure(config):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        """
+    )
+    pytester.makepyfile(
+        """
+        import signal
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_sandboxed():
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+        def test_inline_after_keeps_the_parents():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert callable(signal.getsignal(signal.SIGTERM))
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_sandbox_processes_are_named(pytester: pytest.Pytester) -> None:
+    """ps tells the sandbox's own processes from the tests: init is pid 1 of each sandbox."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_init_is_named():
+            assert open("/proc/1/comm").read() == "nsbox-init\\n"
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
