@@ -18,10 +18,11 @@ import warnings
 import pytest
 from _pytest.runner import runtestprotocol
 
-from pytest_nsbox import covdata, protocol
+from pytest_nsbox import covdata, plainreport, protocol
 from pytest_nsbox.config import SandboxSettings
 
 _result_fd: int | None = None
+_plain_shape: plainreport.PlainShape | None = None
 
 
 def in_sandbox() -> bool:
@@ -30,8 +31,15 @@ def in_sandbox() -> bool:
 
 
 def send_report(config: pytest.Config, report: pytest.TestReport) -> None:
-    """Send one report to the parent; called from the makereport wrapper."""
+    """Send one report to the parent; called from the makereport wrapper.
+
+    A plain report goes as four numbers (see :mod:`pytest_nsbox.plainreport`).
+    """
     assert _result_fd is not None
+    brief = None if _plain_shape is None else plainreport.brief(report, _plain_shape)
+    if brief is not None:
+        protocol.send(_result_fd, "plain_report", brief)
+        return
     data = config.hook.pytest_report_to_serializable(config=config, report=report)
     protocol.send(_result_fd, "report", data)
 
@@ -43,6 +51,7 @@ class SandboxedItem:
         self.item = item
         self.settings = settings
         self.result_fd = result_fd
+        self.plain_shape = plainreport.shape_for(item)  # taken before the fork
 
     def prepare(self) -> None:
         hook = self.item.config.hook.pytest_nsbox_sandbox_ready
@@ -50,8 +59,9 @@ class SandboxedItem:
             hook(item=self.item, settings=self.settings)
 
     def run(self) -> None:
-        global _result_fd
+        global _result_fd, _plain_shape
         _result_fd = self.result_fd
+        _plain_shape = self.plain_shape
         covdata.detach_in_child()
         with warnings.catch_warnings(record=True) as caught:
             # record=True keeps the filters the parent's warnings plugin set

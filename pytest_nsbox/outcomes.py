@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from pytest_nsbox import plainreport
 from pytest_nsbox.config import SandboxSettings, format_size
 from pytest_nsbox.runner import SandboxRun
 from pytest_nsbox.sandbox import EXIT_TEST_RUNNER_FAILED
@@ -202,9 +203,7 @@ def build(
     shared across the fork, so when the test dies the parent can still read
     what it printed before.
     """
-    reports: dict[str, pytest.TestReport] = {
-        rep.when: rep for rep in (_deserialize(item, b) for b in run.bodies("report"))
-    }
+    reports: dict[str, pytest.TestReport] = {rep.when: rep for rep in _reports(item, run)}
     outcome = Outcome(reports=[], usage=usage, left_running=[list(p) for p in _left(run)])
     test_status = run.test_status
     missing = _missing_phase(reports)
@@ -316,10 +315,22 @@ def build(
     return outcome
 
 
+def _reports(item: pytest.Item, run: SandboxRun) -> list[pytest.TestReport]:
+    """The phase reports the test process sent, in order, plain or in full."""
+    found = []
+    for frame in run.frames:
+        if frame.kind == "plain_report":
+            found.append(plainreport.rebuild(item, frame.body))
+        elif frame.kind == "report":
+            found.append(_deserialize(item, frame.body))
+    return found
+
+
 def _deserialize(item: pytest.Item, data: dict[str, Any]) -> pytest.TestReport:
     """A report from the pipe, as it would have been made inline.
 
-    JSON turned tuples into lists; pytest wants tuples. Its strings are all
+    JSON turned tuples into lists (a skip's longrepr, sections, user
+    properties); pytest wants tuples. Its strings are all
     new objects, and pytest keeps every report to the end of the session: the
     node id and location are the item's own objects again, keyword names are
     interned, as inline reports share them.
@@ -336,6 +347,8 @@ def _deserialize(item: pytest.Item, data: dict[str, Any]) -> pytest.TestReport:
         report.nodeid = item.nodeid
     report.keywords = {sys.intern(name): value for name, value in report.keywords.items()}
     report.user_properties = [tuple(p) for p in report.user_properties]  # type: ignore[misc]
+    report.sections = [(str(key), str(content)) for key, content in report.sections]
+    vars(report).pop("$report_type", None)  # the serializer's tag, which inline reports lack
     return report
 
 

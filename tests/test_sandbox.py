@@ -311,6 +311,103 @@ def test_reports_round_trip(pytester: pytest.Pytester) -> None:
     assert 'name="answer" value="42"' in xml.read_text()
 
 
+_REPORT_DUMP = """
+import json
+import pytest
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow_after_all: added by the test itself")
+
+def pytest_runtest_logreport(report):
+    if report.nodeid.endswith("_seen_by_serializer"):
+        return
+    report.user_properties = [p for p in report.user_properties if not p[0].startswith("nsbox_")]
+    kept = {
+        name: repr(value)
+        for name, value in sorted(vars(report).items())
+        if name not in ("duration", "start", "stop", "nsbox")
+    }
+    with open("reports.jsonl", "a") as out:
+        out.write(json.dumps(kept) + "\\n")
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if item.name == "test_plugin_adds_an_attribute":
+        report.added_by_plugin = call.when
+    return report
+"""
+
+_REPORT_TESTS = """
+import pytest
+
+def test_plain():
+    pass
+
+def test_prints():
+    print("out")
+
+def test_marks_itself(request):
+    request.applymarker(pytest.mark.slow_after_all)
+
+def test_properties(record_property):
+    record_property("answer", 42)
+
+def test_plugin_adds_an_attribute():
+    pass
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_param(n):
+    pass
+
+class TestClass:
+    def test_method(self):
+        pass
+"""
+
+
+def test_reports_of_passed_tests_are_those_made_inline(pytester: pytest.Pytester) -> None:
+    """Plain reports travel as four numbers; every report arrives as pytest made it inline."""
+    pytester.makeconftest(_REPORT_DUMP)
+    pytester.makepyfile(_REPORT_TESTS)
+    dump = pytester.path / "reports.jsonl"
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=8)
+    inline = dump.read_text().splitlines()
+    dump.unlink()
+    pytester.runpytest("-p", "no:cacheprovider", "--nsbox").assert_outcomes(passed=8)
+    sandboxed = dump.read_text().splitlines()
+    assert len(inline) == 24
+    assert sandboxed == inline
+
+
+def test_plugin_serializers_see_every_report(pytester: pytest.Pytester) -> None:
+    """A plugin that serializes reports itself gets every report, plain ones too."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_report_to_serializable(config, report):
+            data = report._to_json()
+            data["seen_by"] = "conftest"
+            return data
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_report_from_serializable(config, data):
+            if data.get("seen_by") == "conftest":
+                from _pytest.reports import TestReport
+                report = TestReport._from_json(data)
+                report.seen_by = data["seen_by"]
+                return report
+
+        def pytest_runtest_logreport(report):
+            assert getattr(report, "seen_by", None) == "conftest", report
+        """
+    )
+    pytester.makepyfile("def test_plain_seen_by_serializer(): pass")
+    pytester.runpytest("-p", "no:cacheprovider", "--nsbox").assert_outcomes(passed=1)
+
+
 def test_bad_marker_values_are_collection_errors(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
