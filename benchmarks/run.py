@@ -304,7 +304,7 @@ def measure_memory(project: Path, sleep: float) -> dict[str, Any]:
     pytest; for a plain user, through one more process).
     """
     figures: dict[str, Any] = {}
-    cases = (
+    cases: tuple[tuple[str, tuple[str, ...], dict[str, str], int], ...] = (
         ("full", sessions.FULL_SANDBOX, {}, 4 if os.geteuid() == 0 else 5),
         ("fork", ("-p", "nsbench.steps_plugin"), {"NSBENCH_STEP": "fork"}, 1),
     )

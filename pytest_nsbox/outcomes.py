@@ -203,7 +203,7 @@ def build(
     shared across the fork, so when the test dies the parent can still read
     what it printed before.
     """
-    reports: dict[str, pytest.TestReport] = {rep.when: rep for rep in _reports(item, run)}
+    reports: dict[str, pytest.TestReport] = {rep.when: rep for rep in phase_reports(item, run)}
     outcome = Outcome(reports=[], usage=usage, left_running=[list(p) for p in _left(run)])
     test_status = run.test_status
     missing = _missing_phase(reports)
@@ -315,7 +315,7 @@ def build(
     return outcome
 
 
-def _reports(item: pytest.Item, run: SandboxRun) -> list[pytest.TestReport]:
+def phase_reports(item: pytest.Item, run: SandboxRun) -> list[pytest.TestReport]:
     """The phase reports the test process sent, in order, plain or in full."""
     found = []
     for frame in run.frames:

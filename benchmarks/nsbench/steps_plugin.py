@@ -18,7 +18,8 @@ Loaded with ``-p nsbench.steps_plugin``; ``$NSBENCH_STEP`` picks what each test 
     ``prepared.close()`` after (``pytest_nsbox.plugin._run_sandboxed`` and
     ``pytest_nsbox.session``'s ``sandbox_for`` / ``prepare_next`` /
     ``release``, a sandbox whose init died meanwhile built anew, without the
-    settings, usage, outcomes and records). The SandboxSpec is ``--nsbox``'s
+    settings, usage and records; reports are rebuilt as the plugin does,
+    ``pytest_nsbox.outcomes.phase_reports``). The SandboxSpec is ``--nsbox``'s
     (mnt/pid/net/uts/ipc, init's cgroup namespace, the lock namespace), with
     lo left down and no hostname. The
     factory is :class:`NamespacesOnlyFactory`: its interpreter imports
@@ -61,7 +62,7 @@ import pytest
 from _pytest.runner import runtestprotocol
 
 import pytest_nsbox
-from pytest_nsbox import childrun, runner
+from pytest_nsbox import childrun, outcomes, runner
 from pytest_nsbox.cgroups import CgroupManager, Limits, SandboxCgroup
 from pytest_nsbox.config import SandboxSettings
 from pytest_nsbox.factory import PreparedSandbox, SandboxFactory, SandboxPipeline
@@ -257,10 +258,9 @@ class _Engine:
 
 
 def _run_in_engine(item: pytest.Item, nextitem: pytest.Item | None) -> list[pytest.TestReport]:
-    config = item.config
     engine = _state.get("engine")
     if engine is None:
-        engine = _state["engine"] = _Engine(config, _state["step"])
+        engine = _state["engine"] = _Engine(item.config, _state["step"])
     prepared = engine.sandbox_for(item)
     # Asked for now, the next test's sandbox is built while this one runs.
     engine.prepare_next(nextitem)
@@ -274,7 +274,7 @@ def _run_in_engine(item: pytest.Item, nextitem: pytest.Item | None) -> list[pyte
     finally:
         engine.release(prepared)
     problem = run.first("setup_error") or run.protocol_error
-    reports = run.bodies("report")
+    reports = outcomes.phase_reports(item, run)
     if problem or not reports:
         raise RuntimeError(f"sandbox step {engine.step!r} failed: {problem or run.frames}")
-    return [config.hook.pytest_report_from_serializable(config=config, data=r) for r in reports]
+    return reports
