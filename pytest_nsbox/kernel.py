@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from typing import Any, NoReturn
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -36,19 +37,34 @@ MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-]
+
+
+def _function(name: str, *argtypes: Any) -> Any:
+    """A libc function, looked up and typed once, here.
+
+    The test process calls some of them between fork and test, where every
+    object Python creates or first looks up costs copied pages: with argtypes
+    set, ints and bytes go to C without a ctypes object each.
+    """
+    function = getattr(_libc, name)
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function
+
+
+_unshare = _function("unshare", ctypes.c_int)
+_setns = _function("setns", ctypes.c_int, ctypes.c_int)
+_mount = _function(
+    "mount", ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p
+)
+_umount2 = _function("umount2", ctypes.c_char_p, ctypes.c_int)
+_sethostname = _function("sethostname", ctypes.c_char_p, ctypes.c_size_t)
+_prctl = _function("prctl", ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
 
 
 class StepError(OSError):
@@ -80,8 +96,13 @@ class SandboxSetupError(StepError):
 
 def _check(result: int, step: str) -> int:
     if result < 0:
-        raise SandboxSetupError(step, ctypes.get_errno())
+        _fail(step)
     return result
+
+
+def _fail(step: str) -> NoReturn:
+    """Raise for the libc call that just failed (the message is built only now)."""
+    raise SandboxSetupError(step, ctypes.get_errno())
 
 
 def _b(value: str | None) -> bytes | None:
@@ -90,7 +111,8 @@ def _b(value: str | None) -> bytes | None:
 
 def unshare(flags: int) -> None:
     """unshare(2): enter new namespaces (the calling process only)."""
-    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({describe_clone_flags(flags)})")
+    if _unshare(flags) < 0:
+        _fail(f"unshare({describe_clone_flags(flags)})")
 
 
 def mount(
@@ -98,39 +120,38 @@ def mount(
 ) -> None:
     """mount(2), with the file system type and target in the error."""
     what = fstype or ("bind" if flags & MS_BIND else "propagation")
-    _check(
-        _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
-        f"mount {what} on {target}",
-    )
+    if _mount(_b(source), _b(target), _b(fstype), flags, _b(data)) < 0:
+        _fail(f"mount {what} on {target}")
 
 
 def setns(fd: int, nstype: int, what: str) -> None:
     """setns(2): join the namespace ``fd`` refers to (``what`` names it in the error)."""
-    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({what})")
+    if _setns(fd, nstype) < 0:
+        _fail(f"setns({what})")
 
 
 def umount2(target: str, flags: int) -> None:
     """umount2(2)."""
-    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
+    if _umount2(_b(target), flags) < 0:
+        _fail(f"umount {target}")
 
 
 def sethostname(name: str) -> None:
     """sethostname(2) in the current UTS namespace."""
     raw = name.encode()
-    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), f"sethostname {name!r}")
+    if _sethostname(raw, len(raw)) < 0:
+        _fail(f"sethostname {name!r}")
 
 
 def prctl(option: int, arg: int) -> None:
     """prctl(2) with one argument."""
-    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+    if _prctl(option, arg, 0, 0) < 0:
+        _fail(f"prctl({option})")
 
 
 def set_process_name(name: str) -> None:
-    """Name this process in ps and /proc/PID/comm (at most 15 bytes are kept)."""
-    _check(
-        _libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name.encode()), 0, 0, 0),
-        "prctl(PR_SET_NAME)",
-    )
+    """Name this process in ps and /proc/PID/comm (which keeps 15 bytes)."""
+    write_file("/proc/self/comm", name[:15])
 
 
 class _CapHeader(ctypes.Structure):
