@@ -382,10 +382,10 @@ def run_test_process(
 def signals_to_reset() -> tuple[tuple[int, Any], ...]:
     """The handlers a test must get back: Ctrl-C raises KeyboardInterrupt, SIGTERM ends it.
 
-    Asked in the parent before each fork (a test run inline may have changed
-    them, a pytest-xdist worker ignores SIGINT), so the child calls
-    ``signal.signal`` only when needed: in the child, its first call costs
-    about 0.2 ms of copy-on-write faults.
+    Asked in the parent before each fork (a conftest, a plugin or a test run
+    inline may have changed them), so the child calls ``signal.signal`` only
+    when needed: in the child, its first call costs about 0.2 ms of enum
+    conversions and copy-on-write faults.
     """
     wanted = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
     return tuple(
