@@ -26,6 +26,7 @@ import pickle
 import select
 import signal
 import socket
+import subprocess
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -35,7 +36,6 @@ from pytest_nsbox import kernel, protocol, sandbox
 from pytest_nsbox.kernel import StepError
 
 if TYPE_CHECKING:
-    import subprocess
     from collections.abc import Callable
 
     from pytest_nsbox.cgroups import Limits, SandboxCgroup
@@ -274,8 +274,6 @@ class SandboxFactory:
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
-        import subprocess  # only pytest's side starts processes this way
-
         env = {k: v for k, v in os.environ.items() if k not in _COVERAGE_ENV}
         try:
             self._process = subprocess.Popen(

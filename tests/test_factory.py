@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import textwrap
@@ -1276,3 +1277,25 @@ def test_a_session_that_sandboxes_nothing_keeps_no_factory(pytester: pytest.Pyte
     result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly")
     result.stdout.fnmatch_lines(["nsbox: *namespaces*"])  # the header still probed
     result.assert_outcomes(passed=1)
+
+
+def test_a_factory_that_does_not_end_is_killed_at_close() -> None:
+    """close() waits 5 s for the factory to leave its loop, then kills it and returns."""
+    from pytest_nsbox.factory import SandboxFactory
+
+    factory = SandboxFactory()
+    try:
+        assert factory.pid is None
+        factory._started()  # what the first prepare() does
+        pid = factory.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # stopped, it never sees its socket close
+        started = time.monotonic()
+        factory.close()
+        assert 4.5 < time.monotonic() - started < 30
+        assert factory.pid is None
+        assert not os.path.exists(f"/proc/{pid}")  # killed and reaped
+    finally:
+        if factory.pid is not None:
+            os.kill(factory.pid, signal.SIGKILL)
+            factory.close()
