@@ -64,7 +64,9 @@ _mount = _function(
 )
 _umount2 = _function("umount2", ctypes.c_char_p, ctypes.c_int)
 _sethostname = _function("sethostname", ctypes.c_char_p, ctypes.c_size_t)
-_prctl = _function("prctl", ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_prctl = _function(
+    "prctl", ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong
+)
 
 
 class StepError(OSError):
@@ -92,12 +94,6 @@ class StepError(OSError):
 
 class SandboxSetupError(StepError):
     """A step of the sandbox's set-up failed."""
-
-
-def _check(result: int, step: str) -> int:
-    if result < 0:
-        _fail(step)
-    return result
 
 
 def _fail(step: str) -> NoReturn:
@@ -145,7 +141,7 @@ def sethostname(name: str) -> None:
 
 def prctl(option: int, arg: int) -> None:
     """prctl(2) with one argument."""
-    if _prctl(option, arg, 0, 0) < 0:
+    if _prctl(option, arg, 0, 0, 0) < 0:
         _fail(f"prctl({option})")
 
 
@@ -175,7 +171,8 @@ def drop_capabilities() -> None:
     """
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset (drop all)")
+    if _libc.capset(ctypes.byref(header), ctypes.byref(data)) < 0:
+        _fail("capset (drop all)")
 
 
 _FLAG_NAMES = (
