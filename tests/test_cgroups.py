@@ -35,6 +35,7 @@ from conftest import PlainUser, run_in_fork_as
 
 from pytest_nsbox import cgroups
 from pytest_nsbox.cgroups import CgroupError, CgroupUnavailable, Limits, Usage
+from pytest_nsbox.sandbox import reap_exited
 
 MiB = 1024 * 1024
 EXPECT_V2 = os.environ.get("NSBOX_EXPECT_CGROUP_V2") == "1"
@@ -256,13 +257,7 @@ def sandboxes(manager: cgroups.CgroupManager) -> Iterator[Sandboxes]:
                 os.kill(pid, signal.SIGKILL)  # only when a failed test left it running
             with contextlib.suppress(ChildProcessError):  # reaped by its Popen, or not ours
                 os.waitpid(pid, 0)
-        while True:  # orphans adopted unseen (they exited before a listing)
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        reap_exited()  # orphans adopted unseen (they exited before a listing)
 
 
 def start(
