@@ -2,13 +2,13 @@
 
 What a sandbox costs most is forking: each fork of the pytest process copies
 its page tables and then its pages as they are touched, and a sandbox needs
-three processes (outer, init, test; see :mod:`pytest_nsbox.sandbox`). So
-pytest starts one factory per session, a fresh interpreter (about 14 MB) that
-imports only the sandbox's own modules, and asks it for the sandbox of the
-*next* test while the current one runs. The factory forks outer and init
-from itself (cheap: it is small), init builds the namespaces, mounts and
-network and sends pytest a descriptor of each namespace. For the test,
-pytest forks once, and its child joins them with ``setns``.
+an init beside the test (see :mod:`pytest_nsbox.sandbox`). So pytest starts
+one factory per session, a fresh interpreter (about 14 MB) that imports only
+the sandbox's own modules, and asks it for the sandbox of the *next* test
+while the current one runs. The factory forks init from itself (cheap: it
+is small; a plain user's, through an outer process), init builds the
+mounts and network and sends pytest a descriptor of each namespace. For the
+test, pytest forks once, and its child joins them with ``setns``.
 
 Requests go over a SOCK_SEQPACKET socket: a pickled ``(SandboxSpec,
 SandboxCgroup | None)`` and, as SCM_RIGHTS, the init's end of a fresh
@@ -54,7 +54,7 @@ _COVERAGE_ENV = (
 
 
 def serve(sock_fd: int, parent_pid: int) -> None:
-    """The factory's loop: one outer process per request, until pytest closes the socket."""
+    """The factory's loop: one sandbox per request, until pytest closes the socket."""
     kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         return
@@ -63,8 +63,12 @@ def serve(sock_fd: int, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests = socket.socket(fileno=sock_fd)
     factory_pid = os.getpid()
+    home: sandbox.HomeNamespaces | None = None
+    if os.geteuid() == 0:
+        sandbox.spare_from_oom_killer()
+        home = sandbox.HomeNamespaces.open()
     # What the factory holds now it holds for life: frozen, no collection
-    # walks it, so its pages stay shared with the outers and inits it forks.
+    # walks it, so its pages stay shared with the processes it forks.
     gc.freeze()
     while True:
         try:
@@ -74,8 +78,9 @@ def serve(sock_fd: int, parent_pid: int) -> None:
         if not data:
             return
         spec, cgroup = pickle.loads(data)
-        pid = os.fork()
-        if pid == 0:
+        if spec.privileged and home is not None:
+            sandbox.start_privileged(spec, cgroup, fds[0], home, (requests.fileno(),))
+        elif os.fork() == 0:
             requests.close()
             sandbox.run_outer(spec, cgroup, fds[0], factory_pid)
         for fd in fds:
@@ -91,7 +96,7 @@ class PreparedSandbox:
     """A built sandbox, as the pytest process holds it: descriptors of init's namespaces.
 
     ``setup_error`` is set instead when building it failed (the step and
-    the kernel's reason, from init or outer).
+    the kernel's reason, from init, outer or the factory).
     """
 
     spec: sandbox.SandboxSpec
@@ -189,7 +194,7 @@ class PendingSandbox:
         for fd in received:
             os.close(fd)
         death = self.factory.death(self.factory_pid)
-        if death is not None:  # the factory's end is why outer or init gave up
+        if death is not None:  # the factory's end is why the sandbox gave up
             error = {**error, "message": f"{error['message']}; {death}"}
         return PreparedSandbox(
             self.spec, self.cgroup, self.channel, setup_error=error, factory_pid=self.factory_pid

@@ -37,6 +37,7 @@ MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -191,17 +192,22 @@ def describe_clone_flags(flags: int) -> str:
     return "+".join(name for flag, name in _FLAG_NAMES if flags & flag)
 
 
-def write_file(path: str, data: str) -> None:
-    """Write a small proc/sys file in one write(2), naming it on failure."""
+def write_file(path: str, data: str, *, dir_fd: int | None = None, shown: str = "") -> None:
+    """Write a small proc/sys file in one write(2), naming it on failure.
+
+    With ``dir_fd``, ``path`` is relative to that directory and messages
+    name the file ``shown``.
+    """
+    shown = shown or path
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
-        raise SandboxSetupError(f"open {path}", exc.errno or errno.EIO) from None
+        raise SandboxSetupError(f"open {shown}", exc.errno or errno.EIO) from None
     try:
         os.write(fd, data.encode())
     except OSError as exc:
         raise SandboxSetupError(
-            f"write {data.strip()!r} to {path}", exc.errno or errno.EIO
+            f"write {data.strip()!r} to {shown}", exc.errno or errno.EIO
         ) from None
     finally:
         os.close(fd)

@@ -340,7 +340,8 @@ def _kill_sandbox(pid: int, prepared: PreparedSandbox, result: SandboxRun) -> No
     """SIGKILL every process of the sandbox, counting the test's own first."""
     if "pid" in prepared.namespaces:
         # The test's processes: everything in its pid namespace but init.
-        result.killed_at_timeout = max(count_pid_namespace(prepared.namespaces["pid"]) - 1, 0)
+        init = None if prepared.init_pidfd is None else pidfd_pid(prepared.init_pidfd)
+        result.killed_at_timeout = count_pid_namespace(prepared.namespaces["pid"], besides=init)
     if prepared.cgroup is not None:
         prepared.cgroup.kill()
     if prepared.init_pidfd is not None:
@@ -350,12 +351,16 @@ def _kill_sandbox(pid: int, prepared: PreparedSandbox, result: SandboxRun) -> No
         os.kill(pid, signal.SIGKILL)
 
 
-def count_pid_namespace(namespace_fd: int) -> int:
-    """How many processes live in the pid namespace that ``namespace_fd`` refers to."""
+def count_pid_namespace(namespace_fd: int, besides: int | None = None) -> int:
+    """How many processes live in the pid namespace that ``namespace_fd`` refers to.
+
+    ``besides``: a pid not to count (init's: a plain user may not even read
+    its /proc entry, as it is not dumpable).
+    """
     target = os.fstat(namespace_fd)
     count = 0
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and entry != str(besides):
             try:
                 found = os.stat(f"/proc/{entry}/ns/pid")
             except OSError:
@@ -363,6 +368,16 @@ def count_pid_namespace(namespace_fd: int) -> int:
             if (found.st_ino, found.st_dev) == (target.st_ino, target.st_dev):
                 count += 1
     return count
+
+
+def pidfd_pid(pidfd: int) -> int | None:
+    """The pid a pidfd refers to, from its fdinfo; None once that process has been reaped."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as info:
+        for line in info:
+            if line.startswith("Pid:"):
+                pid = int(line.split()[1])
+                return pid if pid > 0 else None
+    return None
 
 
 def _reap(pid: int, result: SandboxRun) -> None:

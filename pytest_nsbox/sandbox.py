@@ -4,24 +4,28 @@ A sandbox is built ahead of its test by the sandbox factory
 (:mod:`pytest_nsbox.factory`), a small process, so that the pytest process
 is forked once per test instead of once per sandbox process::
 
-    factory ── outer ── init (pid 1)            built while the previous test runs
-    pytest ─────────────── test (pid 2) ── whatever the test starts
-                           (joins init's namespaces with setns)
+    factory ── init (pid 1)                   built while the previous test runs
+    pytest ─────────── test (pid 2) ── whatever the test starts
+                       (joins init's namespaces with setns)
 
-* **outer** enters the new namespaces (mnt, pid, net, uts, ipc; plus user
-  when pytest is not root) and forks init; once init's mounts are done it
-  becomes the *lock namespace*: it unshares one more user and mount
-  namespace (a copy of init's mounts), whose id maps init writes. Every
-  mount seen from there came from a more privileged mount namespace, so the
-  kernel locks them: even as root the test cannot unmount the overlay or
-  the private ``/proc`` to reach what is beneath, nor clear a read-only
-  flag;
+* **the factory** (root) unshares the new namespaces (mnt, pid, net, uts,
+  ipc) itself, forks init into them and returns to its own with ``setns``
+  (:func:`start_privileged`). A plain user cannot leave a user namespace,
+  so its factory forks an **outer** process (:func:`run_outer`) that
+  unshares a new user namespace with the others and forks init;
 * **init** is pid 1 of the new pid namespace: it builds the file system view
   and the network, makes and joins the test's cgroup and gives itself a
-  cgroup namespace rooted there, and sends the pytest process a descriptor
-  of each namespace. It reaps orphans while the test runs; when pytest asks
-  (something is left in the cgroup, or the writes are listed) it lists and
-  kills whatever the test left running and reports what only it can see;
+  cgroup namespace rooted there. Last it unshares the *lock namespace*, one
+  more user and mount namespace (a copy of every mount it made), whose id
+  maps the process that forked it writes. Every mount seen from there came
+  from a more privileged mount namespace, so the kernel locks them: even as
+  root the test cannot unmount the overlay or the private ``/proc`` to
+  reach what is beneath, nor clear a read-only flag. Init then makes itself
+  non-dumpable (the test shares its user namespace and must not reach its
+  descriptors) and sends the pytest process a descriptor of each namespace.
+  It reaps orphans while the test runs; when pytest asks (something is left
+  in the cgroup, or the writes are listed) it lists and kills whatever the
+  test left running and reports what only it can see;
 * **test** is forked from pytest into init's pid namespace (pytest points
   its pid namespace for children there for the one ``fork``; a plain user
   cannot, so a first fork joins the user and pid namespaces and forks the
@@ -105,7 +109,7 @@ class SandboxSpec:
 
 
 def base_namespaces(network_isolated: bool, privileged: bool) -> int:
-    """The CLONE_NEW* flags the outer process unshares (the cgroup namespace is init's)."""
+    """The CLONE_NEW* flags init is forked into (the cgroup and lock namespaces are its own)."""
     flags = kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWUTS | kernel.CLONE_NEWIPC
     if network_isolated:
         flags |= kernel.CLONE_NEWNET
@@ -114,7 +118,86 @@ def base_namespaces(network_isolated: bool, privileged: bool) -> int:
     return flags
 
 
-# -- in the factory: outer and init ------------------------------------------
+# -- in the factory: the sandbox's creator and init ---------------------------
+
+
+@dataclass(frozen=True)
+class HomeNamespaces:
+    """The root factory's own namespaces, to return to after each sandbox it starts.
+
+    Root needs no process between the factory and init: the factory
+    unshares the sandbox's namespaces itself, forks init into them (the
+    first process of the new pid namespace is its pid 1) and goes back to
+    these with ``setns``. A plain user cannot: a user namespace cannot be
+    left, so its factory forks an outer process for that (:func:`run_outer`).
+    """
+
+    proc: int  # the host's /proc, to write the lock namespace's id maps
+    namespaces: tuple[tuple[int, int, str], ...]  # (fd, CLONE_NEW*, name)
+
+    @classmethod
+    def open(cls) -> HomeNamespaces | None:
+        """The factory's own namespaces; None where it could not come back to them.
+
+        Root of a user namespace that does not own them (some containers)
+        lacks the CAP_SYS_ADMIN over their owner that ``setns`` needs: a
+        ``setns`` into the namespace one is already in checks exactly that.
+        Such a factory forks an outer process per sandbox, as a plain user's.
+        """
+        own = tuple(
+            (_open_namespace(f"/proc/self/ns/{name}"), nstype, name)
+            for name, nstype in (
+                ("mnt", kernel.CLONE_NEWNS),
+                ("net", kernel.CLONE_NEWNET),
+                ("uts", kernel.CLONE_NEWUTS),
+                ("ipc", kernel.CLONE_NEWIPC),
+                ("pid", kernel.CLONE_NEWPID),  # for children: init's pid namespace was theirs
+            )
+        )
+        home = cls(filesystem.open_path("/proc"), own)
+        try:
+            home.enter()
+        except kernel.SandboxSetupError:
+            for fd in home.descriptors():
+                os.close(fd)
+            return None
+        return home
+
+    def descriptors(self) -> tuple[int, ...]:
+        return (self.proc, *(fd for fd, _, _ in self.namespaces))
+
+    def enter(self) -> None:
+        """Back to the factory's own namespaces; failing, the factory cannot go on."""
+        for fd, nstype, name in self.namespaces:
+            kernel.setns(fd, nstype, f"the factory's own {name} namespace")
+
+
+def start_privileged(
+    spec: SandboxSpec,
+    cgroup: SandboxCgroup | None,
+    channel_fd: int,
+    home: HomeNamespaces,
+    factory_fds: tuple[int, ...],
+) -> None:
+    """Root, in the factory: unshare the sandbox's namespaces, fork init into them, go home.
+
+    A failure to build the sandbox reaches pytest as its setup error; a
+    failure to return home raises, and the factory ends. Init closes
+    ``factory_fds`` (the factory's own) and ``home``'s descriptors first.
+    """
+    try:
+        kernel.unshare(spec.namespaces)
+    except kernel.SandboxSetupError as exc:
+        _report_setup_error(channel_fd, exc)
+        return
+    try:
+        init_pid, lock = _fork_init(spec, cgroup, channel_fd, (*factory_fds, *home.descriptors()))
+    except kernel.SandboxSetupError as exc:
+        _report_setup_error(channel_fd, exc)
+        return
+    finally:
+        home.enter()
+    _answer_lock_request(lock, init_pid, _lock_id_maps(spec), home.proc)
 
 
 def run_outer(
@@ -122,37 +205,25 @@ def run_outer(
 ) -> NoReturn:
     """The outer process, right after fork in the factory. Never returns.
 
-    Init shares outer's mount namespace, so once init's mounts are done,
-    outer becomes the lock namespace: it unshares one more user and mount
-    namespace (a copy of every mount init made, all locked) when init asks.
+    For a plain user's factory (or root's that could not return to its own
+    namespaces, see :class:`HomeNamespaces`): it enters the new namespaces
+    (a plain user's with a user namespace), forks init into them, writes the
+    id maps of init's lock namespace when init asks (its user namespace is
+    that one's parent) and waits for init.
     """
     try:
-        # Outer and init allocate little: a collection would only touch
-        # (and so copy) the factory's pages.
-        gc.disable()
+        gc.disable()  # as in init
         _die_with_parent(factory_pid)
         kernel.set_process_name("nsbox-outer")
-        if spec.privileged:
-            _set_oom_score_adj(-1000)
         kernel.unshare(spec.namespaces)
         if spec.namespaces & kernel.CLONE_NEWUSER:
             _write_id_maps("self", *_own_id_maps(spec), deny_setgroups=True)
-        ask_r, ask_w = os.pipe2(os.O_CLOEXEC)
-        done_r, done_w = os.pipe2(os.O_CLOEXEC)
-        lock = _LockNamespace(os.getpid(), filesystem.open_path("/proc"), ask_w, done_r)
-        init_pid = os.fork()
-        if init_pid == 0:
-            os.close(ask_r)
-            os.close(done_w)
-            _run_init(spec, cgroup, channel_fd, lock)
-        for fd in (channel_fd, ask_w, done_r, lock.host_proc):
-            os.close(fd)
-        if os.read(ask_r, 1) == b"l":
-            try:
-                kernel.unshare(kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS)
-                os.write(done_w, b"u")
-            except kernel.SandboxSetupError as exc:
-                os.write(done_w, str(exc.errno).encode())
+        # Init mounts its own /proc on the /proc it shares with outer.
+        host_proc = filesystem.open_path("/proc")
+        init_pid, lock = _fork_init(spec, cgroup, channel_fd, (host_proc,))
+        os.close(channel_fd)
+        _answer_lock_request(lock, init_pid, _lock_id_maps(spec), host_proc)
+        os.close(host_proc)
         status = _wait_for(init_pid)
     except BaseException as exc:
         _report_setup_error(channel_fd, exc)
@@ -161,21 +232,68 @@ def run_outer(
 
 
 @dataclass(frozen=True)
-class _LockNamespace:
-    """How init reaches outer, which lives outside init's pid namespace."""
+class _LockRequest:
+    """Init's line to the process that forked it, which writes the lock namespace's id maps."""
 
-    outer_pid: int
-    host_proc: int  # the host's /proc, opened before init mounts its own
-    ask: int  # init writes b"l" here once its mounts are done
-    done: int  # outer answers b"u" once it unshared, or the errno
+    ask: int  # init writes b"l" here once it unshared the lock namespace
+    done: int  # answered b"u" once the maps are written, or the errno
+
+
+def _fork_init(
+    spec: SandboxSpec, cgroup: SandboxCgroup | None, channel_fd: int, parents_fds: tuple[int, ...]
+) -> tuple[int, _LockRequest]:
+    """Fork init into the namespaces just entered; the parent keeps the lock request's ends.
+
+    Init closes ``parents_fds`` first: it keeps only its channel to pytest.
+    """
+    ask_r, ask_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        init_pid = os.fork()
+    except OSError as exc:
+        for fd in (ask_r, ask_w, done_r, done_w):
+            os.close(fd)
+        raise kernel.SandboxSetupError("fork the sandbox's init", exc.errno or 0) from None
+    if init_pid == 0:
+        for fd in (ask_r, done_w, *parents_fds):
+            os.close(fd)
+        _run_init(spec, cgroup, channel_fd, _LockRequest(ask_w, done_r))
+    os.close(ask_w)
+    os.close(done_r)
+    return init_pid, _LockRequest(ask_r, done_w)
+
+
+def _answer_lock_request(
+    lock: _LockRequest, init_pid: int, id_maps: tuple[str, str], proc_fd: int
+) -> None:
+    """When init asks, write its lock namespace's id maps through ``proc_fd``, and answer.
+
+    Init gone before it asked (its set-up failed) closes the request unasked.
+    """
+    try:
+        if os.read(lock.ask, 1) != b"l":
+            return
+        try:
+            _write_id_maps(str(init_pid), *id_maps, deny_setgroups=False, proc_fd=proc_fd)
+            reply = b"u"
+        except kernel.SandboxSetupError as exc:
+            reply = str(exc.errno).encode()
+        with contextlib.suppress(BrokenPipeError):
+            os.write(lock.done, reply)
+    finally:
+        os.close(lock.ask)
+        os.close(lock.done)
 
 
 def _run_init(
-    spec: SandboxSpec, cgroup: SandboxCgroup | None, channel_fd: int, lock: _LockNamespace
+    spec: SandboxSpec, cgroup: SandboxCgroup | None, channel_fd: int, lock: _LockRequest
 ) -> NoReturn:
     """Init, pid 1 of the sandbox: build it, hand it over, clean up after the test."""
     try:
-        _die_with_parent(0)  # outer is outside the pid namespace: getppid() is 0
+        # Init allocates little: a collection would only touch (and so
+        # copy) the factory's pages.
+        gc.disable()
+        _die_with_parent(0)  # its parent is outside the pid namespace: getppid() is 0
         kernel.set_process_name("nsbox-init")
         scratch_fd, lower_fd = filesystem.set_up(spec.filesystem)
         if spec.hostname is not None:
@@ -191,7 +309,12 @@ def _run_init(
         namespaces = {name: _open_namespace(f"/proc/self/ns/{name}") for name in _own(spec)}
         if not spec.privileged:
             namespaces["outer_user"] = _open_namespace("/proc/self/ns/user")
-        namespaces.update(_make_lock_namespace(spec, lock))
+        namespaces.update(_make_lock_namespace(lock))
+        # Init lives in the lock namespace too, beside the test, and holds
+        # what the test must not reach (the repository beneath the overlay,
+        # the channel to pytest): not dumpable, its /proc files and ptrace
+        # need CAP_SYS_PTRACE where its interpreter started, the host's.
+        kernel.prctl(kernel.PR_SET_DUMPABLE, 0)
         mounts = {"scratch": scratch_fd}
         if spec.filesystem.private_tmp:
             mounts["tmp"] = filesystem.open_path("/tmp")
@@ -239,13 +362,17 @@ def _open_namespace(path: str, proc_fd: int | None = None) -> int:
         raise kernel.SandboxSetupError(f"open {where}", exc.errno or 0) from None
 
 
-def _make_lock_namespace(spec: SandboxSpec, lock: _LockNamespace) -> dict[str, int]:
-    """Have outer unshare the lock namespace; write its id maps and open it.
+def _make_lock_namespace(lock: _LockRequest) -> dict[str, int]:
+    """Unshare the lock namespace, have its id maps written, and open it.
 
-    All ids for root, the user's own otherwise. The descriptors keep the
-    namespaces alive for the test to join.
+    Init enters it last, once every mount is made: a copy of them all,
+    owned by a user namespace below the one that made them, so each is
+    locked. The descriptors keep the namespaces alive for the test to join.
     """
+    step = "lock namespace: unshare(user+mnt)"
     try:
+        kernel.unshare(kernel.CLONE_NEWUSER | kernel.CLONE_NEWNS)
+        step = "lock namespace: write its id maps"
         os.write(lock.ask, b"l")
         reply = os.read(lock.done, 16)
     except BrokenPipeError:
@@ -254,21 +381,13 @@ def _make_lock_namespace(spec: SandboxSpec, lock: _LockNamespace) -> dict[str, i
         os.close(lock.ask)
         os.close(lock.done)
     if not reply:
-        raise kernel.SandboxSetupError(
-            "lock namespace: unshare(user+mnt) in outer", errno.ESRCH, "outer has exited"
-        )
+        raise kernel.SandboxSetupError(step, errno.ESRCH, "the process that forked init has exited")
     if reply != b"u":
-        raise kernel.SandboxSetupError("lock namespace: unshare(user+mnt) in outer", int(reply))
-    outer = str(lock.outer_pid)
-    ids = (_MAP_ALL_IDS, _MAP_ALL_IDS) if spec.privileged else _own_id_maps(spec)
-    try:
-        _write_id_maps(outer, *ids, deny_setgroups=False, proc_fd=lock.host_proc)
-        return {
-            "user": _open_namespace(f"{outer}/ns/user", lock.host_proc),
-            "mnt": _open_namespace(f"{outer}/ns/mnt", lock.host_proc),
-        }
-    finally:
-        os.close(lock.host_proc)
+        raise kernel.SandboxSetupError(step, int(reply))
+    return {
+        "user": _open_namespace("/proc/self/ns/user"),
+        "mnt": _open_namespace("/proc/self/ns/mnt"),
+    }
 
 
 def _wake_on_sigchld() -> int:
@@ -464,6 +583,11 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_SETUP_FAILED)
 
 
+def _lock_id_maps(spec: SandboxSpec) -> tuple[str, str]:
+    """The lock namespace's id maps: all ids for root, the user's own otherwise."""
+    return (_MAP_ALL_IDS, _MAP_ALL_IDS) if spec.privileged else _own_id_maps(spec)
+
+
 def _own_id_maps(spec: SandboxSpec) -> tuple[str, str]:
     """The uid and gid maps of a plain user's namespaces: the user's own ids, to themselves."""
     return f"{spec.uid} {spec.uid} 1", f"{spec.gid} {spec.gid} 1"
@@ -472,12 +596,23 @@ def _own_id_maps(spec: SandboxSpec) -> tuple[str, str]:
 def _write_id_maps(
     pid: str, uid_map: str, gid_map: str, *, deny_setgroups: bool, proc_fd: int | None = None
 ) -> None:
-    """Write /proc/PID's id maps; ``proc_fd``: through that /proc, not the one mounted here."""
-    proc = "/proc" if proc_fd is None else f"/proc/self/fd/{proc_fd}"
-    if deny_setgroups:
-        kernel.write_file(f"{proc}/{pid}/setgroups", "deny")
-    kernel.write_file(f"{proc}/{pid}/uid_map", uid_map)
-    kernel.write_file(f"{proc}/{pid}/gid_map", gid_map)
+    """Write /proc/PID's id maps; ``proc_fd``: through that /proc, not the one mounted here.
+
+    (Relative to it: ``/proc/self`` may already be a /proc of another pid
+    namespace, where this process has no number.)
+    """
+    names = ("setgroups", "deny"), ("uid_map", uid_map), ("gid_map", gid_map)
+    for name, data in names if deny_setgroups else names[1:]:
+        path = f"/proc/{pid}/{name}"
+        if proc_fd is None:
+            kernel.write_file(path, data)
+        else:
+            kernel.write_file(f"{pid}/{name}", data, dir_fd=proc_fd, shown=f"{path} (the host's)")
+
+
+def spare_from_oom_killer() -> None:
+    """Root's factory, and so every init it forks: never the OOM killer's choice."""
+    _set_oom_score_adj(-1000)
 
 
 def _set_oom_score_adj(value: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,14 +65,16 @@ def test_tiny_run_reports_every_section(tmp_path: Path) -> None:
     assert set(figures["overlay"]) == {"10", "50"}
     assert figures["sustained"]["tests"] == 9
     assert figures["sustained"]["first_per_s"] > 0
-    # The session's factory, the sandbox's outer and init, the test process.
-    assert figures["memory"]["full"]["processes"] == 4
+    # As root: the session's factory, the sandbox's init (no outer), the test process.
+    assert figures["memory"]["full"]["processes"] == 3
+    assert figures["memory"]["full"]["unreadable"] == 0  # root may read a non-dumpable init
     parts = figures["memory"]["full"]["parts"]
     assert {part: f["processes"] for part, f in parts.items()} == {
         "factory": 1,
-        "outer_init": 2,
+        "init": 1,
         "test": 1,
     }
+    assert all(f["rss"] > 0 for f in parts.values()), parts
 
     report = done.stdout
     assert report.startswith("pytest-nsbox benchmark\nmachine: ")
@@ -79,6 +82,7 @@ def test_tiny_run_reports_every_section(tmp_path: Path) -> None:
         assert f"{target['status']:4}  {target['target']}" in report
     full = overhead["full"]["overhead_ms"]["median"]
     assert f"{full:.2f}" in report
+    assert re.search(r"full sandbox: init \(and a plain user's outer\) +1 ", report), report
 
 
 # What a test of the generated project sees of its sandbox, against $NSBENCH_STEP.

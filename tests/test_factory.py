@@ -238,6 +238,43 @@ def test_no_factory_or_sandbox_descriptor_reaches_the_test_rootless(
     assert "rootless" in output, output
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's init is forked by the factory itself")
+def test_init_keeps_nothing_of_the_factory(tmp_path: Path) -> None:
+    """Root's init, forked straight from the factory, holds one socket (its channel) and no namespace.
+
+    The factory's request socket, its own namespaces and the host's /proc
+    stay in the factory.
+    """
+    from pytest_nsbox import runner, sandbox
+    from pytest_nsbox.factory import SandboxFactory
+
+    spec = sandbox.build_spec(
+        rootdir=str(tmp_path),
+        cwd=str(tmp_path),
+        privileged=True,
+        isolate_network=False,
+        hostname=None,
+        private_tmp=True,
+        tmp_size=16 << 20,
+        passthrough=(),
+        list_writes=False,
+    )
+    factory = SandboxFactory()
+    try:
+        prepared = factory.prepare(spec, None).wait()
+        assert prepared.setup_error is None, prepared.setup_error
+        assert prepared.init_pidfd is not None
+        init = runner.pidfd_pid(prepared.init_pidfd)
+        fd_dir = f"/proc/{init}/fd"
+        held = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
+        prepared.close()
+    finally:
+        factory.close()
+    assert sum(target.startswith("socket:") for target in held) == 1, held
+    assert not [t for t in held if re.match(r"^(pid|mnt|net|uts|ipc|cgroup|user)", t)], held
+    assert "/proc" not in held, held
+
+
 # -- 2. prepared-ahead sandboxes never carry another test's settings -------------
 
 # Indented as the inner modules' text around it (dedented as a whole).

@@ -79,6 +79,18 @@ def test_escape_attempts_fail_and_change_nothing(pytester: pytest.Pytester) -> N
                 finally:
                     os.close(fd)
 
+        def test_cannot_reach_what_init_holds():
+            # Init shares the test's user namespace and holds the repository
+            # beneath the overlay and the channel to pytest: none of it shows.
+            held = os.listdir("/proc/1/fd")
+            assert held
+            for fd in held:
+                with pytest.raises(PermissionError):
+                    os.open(f"/proc/1/fd/{fd}", os.O_PATH)
+            with pytest.raises(PermissionError):
+                os.readlink("/proc/1/cwd")
+            assert fails(libc.ptrace(16, 1, None, None))  # PTRACE_ATTACH
+
         def test_cannot_see_or_signal_or_trace_pytest():
             assert PYTEST_PID > 2
             with pytest.raises(ProcessLookupError):
@@ -101,7 +113,7 @@ def test_escape_attempts_fail_and_change_nothing(pytester: pytest.Pytester) -> N
     before = snapshot(pytester.path)
     mounts_before = host_mounts()
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=7)
     assert snapshot(pytester.path) == before
     assert stat.S_IMODE(pytester.path.stat().st_mode) != 0
     assert host_mounts() == mounts_before

@@ -88,13 +88,22 @@ def test_rootless_sandbox_end_to_end(plain_user: PlainUser, user_project: Path) 
             assert libc.umount2(str(ROOT).encode(), 2) == -1
             assert ctypes.get_errno() in (1, 22)
 
+        def test_cannot_reach_what_init_holds():
+            # Init runs as the same user in the same user namespace, but is
+            # not dumpable: its descriptors (the repository beneath the
+            # overlay, the channel to pytest) are not even listed.
+            with pytest.raises(PermissionError):
+                os.listdir("/proc/1/fd")
+            with pytest.raises(PermissionError):
+                os.open("/proc/1/fd/0", os.O_PATH)
+
         def test_repo_intact():
             assert (ROOT / "data.txt").read_text() == "original"
         """,
     )
     code, output = run_pytest(user_project, plain_user)
     assert code == 0, output
-    assert "6 passed" in output, output
+    assert "7 passed" in output, output
     assert (user_project / "data.txt").read_text() == "original"
     assert (user_project / "data.txt").stat().st_mode & 0o777 == 0o644
     assert "rootless" in output

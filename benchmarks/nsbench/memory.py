@@ -3,13 +3,16 @@
 A session runs a single test that sleeps. While it sleeps the harness finds
 the pytest process's descendants through ``/proc/<pid>/task/*/children``:
 for the full sandbox the session's sandbox factory (a small interpreter of
-its own, one per session), the sandbox's outer and init (forked from the
-factory) and the test process (forked from pytest); one forked child for the
-fork-only baseline. It reads ``/proc/<pid>/smaps_rollup`` of each: Rss
-counts shared copy-on-write pages in every process, Pss splits them, and
-Private (Private_Clean + Private_Dirty) is what exists only because that
-process exists, the honest "extra memory" of a sandbox. The figures are
-given per part (factory, outer + init, test process) and summed.
+its own, one per session), the sandbox's init (forked from the factory as
+root; a plain user's factory forks an outer process, which forks init) and
+the test process (forked from pytest; a plain user's through one more
+process); one forked child for the fork-only baseline. It reads
+``/proc/<pid>/smaps_rollup`` of each: Rss counts shared copy-on-write pages
+in every process, Pss splits them, and Private (Private_Clean +
+Private_Dirty) is what exists only because that process exists, the honest
+"extra memory" of a sandbox. The figures are given per part (factory, init
+with a plain user's outer, test process) and summed. Init is not dumpable:
+a plain user may not read its smaps_rollup, and it is counted as unreadable.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Footprint:
 
 
 def smaps_rollup(pid: int) -> Footprint:
+    """The process's footprint; PermissionError for a process that is not dumpable (init)."""
     values: dict[str, int] = {}
     with open(f"/proc/{pid}/smaps_rollup") as rollup:
         for line in rollup:
@@ -67,7 +71,7 @@ def descendants(pid: int) -> list[int]:
 
 
 #: The parts of a sandbox, in the order the report lists them.
-PARTS = ("factory", "outer_init", "test")
+PARTS = ("factory", "init", "test")
 
 
 def _is_factory(pid: int) -> bool:
@@ -79,13 +83,16 @@ def _is_factory(pid: int) -> bool:
 
 
 def parts_of(pid: int) -> dict[str, list[int]]:
-    """The descendants of ``pid`` by part: the factory, what it forked, the rest (the test)."""
+    """The descendants of ``pid`` by part: the factory, what it forked, the rest (the test).
+
+    What the factory forked is init, and a plain user's outer above it.
+    """
     parts: dict[str, list[int]] = {}
     for top in children(pid):
         below = descendants(top)
         if _is_factory(top):
             parts.setdefault("factory", []).append(top)
-            parts.setdefault("outer_init", []).extend(below)
+            parts.setdefault("init", []).extend(below)
         else:
             parts.setdefault("test", []).extend([top, *below])
     return parts
@@ -112,16 +119,21 @@ def sample_in_flight(
         time.sleep(settle)  # the test process has imported and set up its fixtures
         parts = parts_of(process.pid)
         parent = smaps_rollup(process.pid)
-        sandbox = Footprint(0, 0, 0)
+        sandbox, skipped = Footprint(0, 0, 0), 0
         figures: dict[str, dict[str, int]] = {}
         for part in PARTS:
             if part not in parts:
                 continue
-            total = Footprint(0, 0, 0)
+            total, unreadable = Footprint(0, 0, 0), 0
             for pid in parts[part]:
-                total = total + smaps_rollup(pid)
+                try:
+                    total = total + smaps_rollup(pid)
+                except PermissionError:  # a plain user's init: not dumpable
+                    unreadable += 1
             figures[part] = {"processes": len(parts[part]), **asdict(total)}
-            sandbox = sandbox + total
+            if unreadable:
+                figures[part]["unreadable"] = unreadable
+            sandbox, skipped = sandbox + total, skipped + unreadable
         output, _ = process.communicate(timeout=deadline)
     finally:
         if process.poll() is None:
@@ -133,5 +145,6 @@ def sample_in_flight(
         "processes": sum(len(pids) for pids in parts.values()),
         "parent": asdict(parent),
         "sandbox": asdict(sandbox),
+        "unreadable": skipped,  # processes counted but not in the sums
         "parts": figures,
     }

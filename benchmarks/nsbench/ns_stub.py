@@ -1,7 +1,7 @@
 """Imported first by the sandbox factory of the benchmark's "ns" row, before ``serve``.
 
 It replaces ``pytest_nsbox.filesystem.set_up`` in the factory process (and
-so in every outer and init it forks) with :func:`namespaces_only_set_up`:
+so in every init it forks) with :func:`namespaces_only_set_up`:
 what a new mount and pid namespace needs, and nothing of the overlay. The
 sandbox's init looks the function up on the module when it runs
 (``filesystem.set_up(...)``), so the replacement takes.

@@ -8,33 +8,39 @@ figure is close to what the kernel itself costs.
 It plays the two long-lived processes of the engine: this process stands in
 for pytest, and a *factory* forked from it at start (before ``--ballast-mb``
 pads this process to pytest's RSS: the real factory is a small interpreter
-of its own) forks outer, which forks init, per request. Each iteration
-builds one sandbox at a level, runs its test process and takes it all down
-**in sequence**, timed from the request until init and outer have exited
-(and, with a cgroup, its rmdir); the levels are interleaved (``fork ns
-overlay lo full fork ns ...``) so load drifts hit them alike. The plugin
-instead asks for the next test's sandbox before it forks the current test,
-so that building overlaps the test (and removes a cgroup one test later):
-the sum here is the sequential cost of the calls, not a bound on the
-plugin's time per test.
+of its own) forks init per request (a plain user's factory forks outer,
+which forks init). Each iteration builds one sandbox at a level, runs its
+test process and takes it all down **in sequence**, timed from the request
+until init (a plain user's: outer) has exited (and, with a cgroup, its
+rmdir); the levels are interleaved (``fork ns overlay lo full fork ns ...``)
+so load drifts hit them alike. The plugin instead asks for the next test's
+sandbox before it forks the current test, so that building overlaps the
+test (and removes a cgroup one test later): the sum here is the sequential
+cost of the calls, not a bound on the plugin's time per test.
 
 Levels (each includes the ones before it, as the benchmark's rows do):
 
 ``fork``    this process forks; the child writes 2 bytes to a pipe and exits; read, reap.
-``ns``      a request to the factory (one end of a socketpair, by SCM_RIGHTS); the factory
-            forks outer, which unshares mnt/pid/net/uts/ipc (plus user, and writes its
-            one-id maps, when not root), opens the host /proc (O_PATH) and forks init,
-            pid 1. Init makes the mounts private, mounts /proc, unshares cgroup, has outer
-            unshare user+mnt (the lock namespace; two pipes), writes outer's uid/gid maps
-            through the host /proc fd, opens its own namespaces and, through that fd, the
-            lock ones, and sends them with O_PATH fds of the scratch (at this level the
-            rootdir, as the benchmark's stub) and /tmp and its pidfd (SCM_RIGHTS). This
-            process forks the test process into init's pid namespace (root: setns of
-            pid-for-children around the fork; a plain user: a first child joins outer's
-            user namespace and the pid namespace and forks the test), which joins
-            net/uts/ipc/cgroup/user/mnt with setns, closes the inherited fds, chdirs and
-            answers on a pipe; a pidfd poll, the reap, fstatvfs of the two mounts; then
-            "finished" to init, which lists its /proc and exits (its channel's EOF).
+``ns``      a request to the factory (one end of a socketpair, by SCM_RIGHTS). As root the
+            factory unshares mnt/pid/net/uts/ipc itself, forks init (pid 1) and goes back to
+            its own mnt/net/uts/ipc/pid namespaces with setns (descriptors, and an O_PATH one
+            of the host /proc, opened once at its start; it set its oom_score_adj to -1000
+            then too). A plain user's factory forks outer instead, which unshares user and the
+            others, writes its one-id maps, opens the host /proc (O_PATH) and forks init.
+            Init makes the mounts private, mounts /proc, unshares cgroup, opens its
+            pid/uts/ipc/cgroup/net namespaces (a plain user's: its user one too), unshares
+            user+mnt itself (the lock namespace) and asks the process that forked it (two
+            pipes), which writes init's uid/gid maps relative to its host /proc fd (root: all
+            ids; a plain user: its own id) and answers; init opens its
+            /proc/self/ns/user and mnt as the lock ones, sets PR_SET_DUMPABLE 0 and sends its
+            namespaces with O_PATH fds of the scratch (at this level the rootdir, as the
+            benchmark's stub) and /tmp and its pidfd (SCM_RIGHTS). This process forks the
+            test process into init's pid namespace (root: setns of pid-for-children around
+            the fork; a plain user: a first child joins outer's user namespace and the pid
+            namespace and forks the test), which joins net/uts/ipc/cgroup/user/mnt with
+            setns, closes the inherited fds, chdirs and answers on a pipe; a pidfd poll, the
+            reap, fstatvfs of the two mounts; then "finished" to init, which lists its /proc
+            and exits (its channel's EOF; then init's pidfd, a plain user's outer's exit).
 ``overlay`` init's mounts are filesystem.set_up's: scratch tmpfs on /dev/shm, the overlay on
             the rootdir, the scratch detached, tmpfs on /tmp and /dev/shm, the ``--bind``
             dir (and a rootdir below /tmp or /dev/shm) bound back, /proc.
@@ -50,8 +56,8 @@ Levels (each includes the ones before it, as the benchmark's rows do):
 Prints one JSON object: seconds per iteration for each level, the same split
 in phases (build: the request until init's descriptors are here; test: the
 test process's fork until its reap; teardown: the rest, including a wait for
-outer's exit, which the engine does not wait for), this process's RSS and
-the factory's.
+init's exit (a plain user's: for outer's, which follows it), which the engine
+does not wait for), this process's RSS and the factory's.
 """
 
 from __future__ import annotations
@@ -79,7 +85,16 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-OUTER_FLAGS = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC
+# What root's factory (a plain user's outer, with CLONE_NEWUSER) unshares and forks init into.
+SANDBOX_FLAGS = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC
+# Root's factory goes back to these after each init (pytest_nsbox.sandbox.HomeNamespaces).
+HOME_NAMESPACES = (
+    ("mnt", CLONE_NEWNS),
+    ("net", CLONE_NEWNET),
+    ("uts", CLONE_NEWUTS),
+    ("ipc", CLONE_NEWIPC),
+    ("pid", CLONE_NEWPID),  # for children: init's pid namespace was theirs
+)
 # The namespaces the test process joins, in the engine's order (pytest_nsbox.sandbox.JOIN_ORDER).
 JOIN_ORDER = (
     ("net", CLONE_NEWNET),
@@ -92,6 +107,7 @@ JOIN_ORDER = (
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 SIGKILL = 9
 F_SETPIPE_SZ = 1031
 TMP_SIZE = 256 * 1024 * 1024  # the plugin's default tmp_size (nothing is written to it)
@@ -183,7 +199,7 @@ def wait_status(pid: int) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
-# -- the sandbox's init and outer (in the factory) ----------------------------
+# -- the sandbox: init, forked by the factory (a plain user's: by outer) --------
 
 
 def scratch_and_overlay(rootdir: str, privileged: bool) -> int:
@@ -256,17 +272,32 @@ def list_and_reap_leftovers() -> None:
             return
 
 
+def make_lock_namespace(ask_w: int, done_r: int) -> dict[str, int]:
+    """Init's last namespace, unshared by itself: a copy of its mounts, all of them locked.
+
+    Its id maps are written by the process that forked init, whose user
+    namespace is the new one's parent (the factory as root, outer otherwise).
+    """
+    unshare(CLONE_NEWUSER | CLONE_NEWNS, "user+mnt (the lock namespace)")
+    os.write(ask_w, b"l")
+    reply = os.read(done_r, 16)
+    os.close(ask_w)
+    os.close(done_r)
+    if reply != b"u":
+        raise OSError(errno.ESRCH, "the lock namespace's id maps were not written")
+    return {n: os.open(f"/proc/self/ns/{n}", os.O_RDONLY | os.O_CLOEXEC) for n in ("user", "mnt")}
+
+
 def run_init(
     args: argparse.Namespace,
     level: int,
     number: int,
     channel_fd: int,
     outer_pid: int,
-    host_proc: int,
     ask_w: int,
     done_r: int,
 ) -> None:
-    die_with_parent(0)  # outer is outside the pid namespace
+    die_with_parent(0)  # the factory, or outer, is outside the pid namespace
     scratch = set_up_filesystem(args, level)
     if level >= FULL:
         hostname = f"nsbench-floor{number}".encode()
@@ -285,24 +316,8 @@ def run_init(
     namespaces = {n: os.open(f"/proc/self/ns/{n}", os.O_RDONLY | os.O_CLOEXEC) for n in names}
     if not args.privileged:
         namespaces["outer_user"] = os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    # The lock namespace: outer unshares it, init writes its maps through the host's /proc.
-    os.write(ask_w, b"l")
-    reply = os.read(done_r, 16)
-    os.close(ask_w)
-    os.close(done_r)
-    if reply != b"u":
-        raise OSError(errno.ESRCH, "outer did not unshare the lock namespace")
-    uid, gid = args.uid, args.gid
-    uid_map, gid_map = (
-        (MAP_ALL_IDS, MAP_ALL_IDS) if args.privileged else (f"{uid} {uid} 1", f"{gid} {gid} 1")
-    )
-    write(f"{outer_pid}/uid_map", uid_map, dir_fd=host_proc)
-    write(f"{outer_pid}/gid_map", gid_map, dir_fd=host_proc)
-    for name in ("user", "mnt"):
-        namespaces[name] = os.open(
-            f"{outer_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=host_proc
-        )
-    os.close(host_proc)
+    namespaces.update(make_lock_namespace(ask_w, done_r))
+    check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl PR_SET_DUMPABLE")
     mounts = [scratch, os.open("/tmp", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
     pidfd = os.pidfd_open(os.getpid())
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -312,7 +327,7 @@ def run_init(
     ordered = sorted(namespaces)
     fds = [namespaces[n] for n in ordered] + mounts + [pidfd]
     channel = socket.socket(fileno=channel_fd)
-    # Outer's pid rides along for this floor only: it waits for outer's exit too.
+    # Outer's pid (0: none, as root) rides along for this floor only: it waits for outer's exit.
     socket.send_fds(channel, [f"{outer_pid} {' '.join(ordered)}".encode()], fds)
     for fd in fds:
         if fd != scratch:
@@ -333,59 +348,111 @@ def run_init(
     os._exit(0)
 
 
-def run_outer(
-    args: argparse.Namespace, level: int, number: int, channel_fd: int, factory_pid: int
-) -> None:
-    die_with_parent(factory_pid)
-    if args.privileged:
-        set_oom_score_adj("-1000")
-    unshare(OUTER_FLAGS | (0 if args.privileged else CLONE_NEWUSER), "mnt/pid/net/uts/ipc")
-    if not args.privileged:
-        uid, gid = args.uid, args.gid
-        write("/proc/self/setgroups", "deny")
-        write("/proc/self/uid_map", f"{uid} {uid} 1")
-        write("/proc/self/gid_map", f"{gid} {gid} 1")
+def fork_init(
+    args: argparse.Namespace, level: int, number: int, channel_fd: int, outer_pid: int
+) -> tuple[int, int, int]:
+    """Fork init into the namespaces just unshared: (its pid, the lock request's two ends)."""
     ask_r, ask_w = os.pipe2(os.O_CLOEXEC)
     done_r, done_w = os.pipe2(os.O_CLOEXEC)
-    host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    outer_pid = os.getpid()
     init_pid = os.fork()
     if init_pid == 0:
         os.close(ask_r)
         os.close(done_w)
         child(
-            lambda: run_init(args, level, number, channel_fd, outer_pid, host_proc, ask_w, done_r),
+            lambda: run_init(args, level, number, channel_fd, outer_pid, ask_w, done_r),
             f"init ({LEVELS[level]})",
         )
-    for fd in (channel_fd, ask_w, done_r, host_proc):
-        os.close(fd)
+    os.close(ask_w)
+    os.close(done_r)
+    return init_pid, ask_r, done_w
+
+
+def answer_lock_request(
+    ask_r: int, done_w: int, init_pid: int, id_maps: tuple[str, str], host_proc: int
+) -> None:
+    """When init asks, write its lock namespace's maps relative to the host /proc, answer.
+
+    Relative to that descriptor: the /proc mounted here may already be
+    init's, where init is 1 and this process has no number.
+    """
     if os.read(ask_r, 1) == b"l":
-        unshare(CLONE_NEWUSER | CLONE_NEWNS, "user+mnt (the lock namespace)")
+        write(f"{init_pid}/uid_map", id_maps[0], dir_fd=host_proc)
+        write(f"{init_pid}/gid_map", id_maps[1], dir_fd=host_proc)
         os.write(done_w, b"u")
+    os.close(ask_r)
+    os.close(done_w)
+
+
+def open_home() -> tuple[list[tuple[int, int, str]], int]:
+    """Root's factory, once: its own namespaces to return to, and the host /proc."""
+    home = [
+        (os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), nstype, name)
+        for name, nstype in HOME_NAMESPACES
+    ]
+    return home, open_path("/proc")
+
+
+def start_privileged(
+    args: argparse.Namespace,
+    level: int,
+    number: int,
+    channel_fd: int,
+    home: list[tuple[int, int, str]],
+    host_proc: int,
+) -> None:
+    """Root, in the factory: unshare, fork init into the new namespaces, go home, answer."""
+    unshare(SANDBOX_FLAGS, "mnt/pid/net/uts/ipc")
+    try:
+        init_pid, ask_r, done_w = fork_init(args, level, number, channel_fd, 0)
+    finally:
+        for fd, nstype, name in home:
+            setns(fd, nstype, f"the factory's own {name}")
+    answer_lock_request(ask_r, done_w, init_pid, (MAP_ALL_IDS, MAP_ALL_IDS), host_proc)
+
+
+def run_outer(
+    args: argparse.Namespace, level: int, number: int, channel_fd: int, factory_pid: int
+) -> None:
+    """A plain user's outer: it cannot leave a user namespace, so it is the one to enter it."""
+    die_with_parent(factory_pid)
+    unshare(SANDBOX_FLAGS | CLONE_NEWUSER, "user+mnt/pid/net/uts/ipc")
+    own_maps = f"{args.uid} {args.uid} 1", f"{args.gid} {args.gid} 1"
+    write("/proc/self/setgroups", "deny")
+    write("/proc/self/uid_map", own_maps[0])
+    write("/proc/self/gid_map", own_maps[1])
+    host_proc = open_path("/proc")  # before init mounts its own on it
+    init_pid, ask_r, done_w = fork_init(args, level, number, channel_fd, os.getpid())
+    os.close(channel_fd)
+    answer_lock_request(ask_r, done_w, init_pid, own_maps, host_proc)
+    os.close(host_proc)
     os._exit(wait_status(init_pid))
 
 
 def serve(args: argparse.Namespace, requests: socket.socket, parent_pid: int) -> None:
-    """The factory: one outer per request, until this process closes the socket."""
+    """The factory: one sandbox per request, until this process closes the socket."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     factory_pid = os.getpid()
+    if args.privileged:
+        set_oom_score_adj("-1000")  # inherited by every init it forks
+        home, host_proc = open_home()
     while True:
         data, fds, _, _ = socket.recv_fds(requests, 64, 1)
         if not data:
             os._exit(0)
         level, number = (int(field) for field in data.split())
-        pid = os.fork()
-        if pid == 0:
+        channel_fd = fds[0]
+        if args.privileged:
+            start_privileged(args, level, number, channel_fd, home, host_proc)
+        elif os.fork() == 0:
             requests.close()
-            channel_fd = fds[0]
             child(
                 lambda: run_outer(args, level, number, channel_fd, factory_pid),  # noqa: B023
                 f"outer ({LEVELS[level]})",
             )
         for fd in fds:
             os.close(fd)
-        while True:  # reap the outers that ended
+        while True:  # reap the inits (a plain user's: outers) that ended
             try:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:
                     break
@@ -503,7 +570,7 @@ def one_sandbox(
     if not data:
         ours.close()
         raise RuntimeError(f"level {LEVELS[level]}: init ended before it was ready (see stderr)")
-    outer_pid, *names = data.decode().split()
+    outer, *names = data.decode().split()
     namespaces = dict(zip(names, fds, strict=False))
     mounts, init_pidfd = fds[len(names) : -1], fds[-1]
     paths = cgroup_paths(args, number) if level >= FULL else []
@@ -540,7 +607,8 @@ def one_sandbox(
 
     for fd in mounts:
         os.fstatvfs(fd)
-    outer_pidfd = os.pidfd_open(int(outer_pid))  # alive: it waits for init, init for us
+    # A plain user's outer, alive (it waits for init, init for us); root has none ("0").
+    outer_pidfd = os.pidfd_open(int(outer)) if outer != "0" else None
     if level >= FULL:
         # What the engine asks instead of telling init: is anyone but init still there?
         with open(f"{paths[args.count_index]}/{args.count_file}") as counted:
@@ -550,19 +618,21 @@ def one_sandbox(
         for fd in fds[:-1]:
             os.close(fd)
         ours.close()
-        wait_readable(init_pidfd, f"level {LEVELS[level]}: init's exit")
-        os.close(init_pidfd)
-        for path in paths:
-            rmdir_retrying(path)
     else:
         ours.send(FINISHED)
         while ours.recv(4096):
             pass
         ours.close()
-        for fd in fds:
+        for fd in fds[:-1]:
             os.close(fd)
-    wait_readable(outer_pidfd, f"level {LEVELS[level]}: outer's exit")
-    os.close(outer_pidfd)
+    if level >= FULL or outer_pidfd is None:  # else outer's exit, below, follows init's
+        wait_readable(init_pidfd, f"level {LEVELS[level]}: init's exit")
+    os.close(init_pidfd)
+    for path in paths:
+        rmdir_retrying(path)
+    if outer_pidfd is not None:
+        wait_readable(outer_pidfd, f"level {LEVELS[level]}: outer's exit")
+        os.close(outer_pidfd)
     ended = time.perf_counter()
     if answer != b"ok" or os.WEXITSTATUS(status) != 0 or not os.WIFEXITED(status):
         raise RuntimeError(f"level {LEVELS[level]}: answer {answer!r}, wait status {status}")

@@ -160,12 +160,16 @@ def _floor(report: dict[str, Any]) -> list[str]:
     lines += _wrap(
         "levels: fork = this process forks, the child writes to a pipe and exits, reaped "
         "(pytest-forked's mechanism); ns = the engine's processes: a request to a small factory "
-        "process (forked at start, before any padding), which forks outer (unshares "
-        "mnt/pid/net/uts/ipc; opens the host /proc) and outer forks init, pid 1 (mounts private "
-        "+ /proc, unshares cgroup, has outer unshare user+mnt, the lock namespace, and writes "
-        "its id maps through the host /proc fd, sends its namespace fds, O_PATH fds of the "
-        "scratch and /tmp and its pidfd by SCM_RIGHTS); this process forks the test into "
-        "init's pid namespace (setns of pid-for-children around the fork), the test joins "
+        "process (forked at start, before any padding), which as root unshares "
+        "mnt/pid/net/uts/ipc itself, forks init, pid 1, and goes back to its own namespaces "
+        "with setns (a plain user's factory forks outer, which unshares user and the others, "
+        "writes its own id maps, opens the host /proc and forks init); init makes the mounts "
+        "private + /proc, unshares cgroup, unshares user+mnt itself (the lock namespace) and "
+        "asks the process that forked it, which writes init's id maps through its host /proc "
+        "fd; init opens its lock namespaces, makes itself non-dumpable and sends its namespace "
+        "fds, O_PATH fds of the scratch and /tmp and its pidfd by SCM_RIGHTS; this process "
+        "forks the test into init's pid namespace (root: setns of pid-for-children around the "
+        "fork; a plain user: through a first child in outer's user namespace), the test joins "
         "net/uts/ipc/cgroup/user/mnt with setns, answers on a pipe and is reaped (pidfd poll); "
         "init is told and exits; overlay = + init's scratch tmpfs, overlay, scratch detached, "
         "/tmp, /dev/shm, bind; lo = + RTM_NEWLINK; full = + sethostname, init's cgroup "
@@ -175,12 +179,13 @@ def _floor(report: dict[str, Any]) -> list[str]:
     )
     lines += _wrap(
         "phases: build = the request until init's descriptors arrive; test = the test "
-        "process's fork until its reap; teardown = the rest, until init and outer have exited "
-        "(and the rmdir). The floor runs them one after the other; the plugin asks for the "
-        "next test's sandbox before it forks the current test, so the build overlaps the "
-        "previous test (on another core), and it removes a cgroup one test later: its time "
-        "per test is not bounded below by this sum ('x floor' under 1 is possible). The padded "
-        "figures show what pytest's size adds to the test phase.",
+        "process's fork until its reap; teardown = the rest, until init (a plain user's: "
+        "outer, which ends after init) has exited (and the rmdir). The floor runs them one "
+        "after the other; the plugin asks for the next test's sandbox before it forks the "
+        "current test, so the build overlaps the previous test (on another core), and it "
+        "removes a cgroup one test later: its time per test is not bounded below by this sum "
+        "('x floor' under 1 is possible). The padded figures show what pytest's size adds to "
+        "the test phase.",
         "  ",
     )
     return lines
@@ -292,14 +297,24 @@ def _memory(report: dict[str, Any]) -> list[str]:
         if "problem" in figures:
             rows.append([label, figures["problem"][:60], "", "", ""])
             continue
-        entries = [("pytest parent", 1, figures["parent"])]
+        entries = [("pytest parent", 1, figures["parent"], 0)]
         parts = figures.get("parts", {})
         if len(parts) > 1:
             entries += [
-                (_PART_NAMES.get(part, part), f["processes"], f) for part, f in parts.items()
+                (_PART_NAMES.get(part, part), f["processes"], f, f.get("unreadable", 0))
+                for part, f in parts.items()
             ]
-        entries.append(("all its children", figures["processes"], figures["sandbox"]))
-        for name, count, f in entries:
+        entries.append(
+            (
+                "all its children",
+                figures["processes"],
+                figures["sandbox"],
+                figures.get("unreadable", 0),
+            )
+        )
+        for name, count, f, unreadable in entries:
+            if unreadable:  # counted in n, not in the sums
+                name = f"{name} ({unreadable} not readable)"
             rows.append(
                 [
                     f"{label}: {name}",
@@ -310,18 +325,25 @@ def _memory(report: dict[str, Any]) -> list[str]:
                 ]
             )
     lines += _table(["process", "n", "Rss MB", "Pss MB", "Private MB"], rows)
-    if len(m.get("full", {}).get("parts", {})) > 1:
-        lines += _wrap(
-            "the factory is one per session (a python -I -S of its own); outer and init are "
-            "forked from it, the test process from pytest",
-            "  ",
+    full = m.get("full", {})
+    if len(full.get("parts", {})) > 1:
+        note = (
+            "the factory is one per session (a python -I -S of its own); init is forked from it "
+            "(a plain user's through outer, counted with init), the test process from pytest "
+            "(a plain user's through one more process, counted with it)"
         )
+        if full.get("unreadable"):
+            note += (
+                "; init is not dumpable, so a plain user cannot read its smaps_rollup: "
+                "'not readable' processes are counted in n, not in the sums"
+            )
+        lines += _wrap(note, "  ")
     return lines
 
 
 _PART_NAMES = {
     "factory": "the sandbox factory",
-    "outer_init": "outer + init",
+    "init": "init (and a plain user's outer)",
     "test": "the test process",
 }
 

@@ -53,8 +53,9 @@ ROWS = (
         "the plugin: one pytest_nsbox.factory.SandboxFactory per session, the next test's "
         "sandbox asked for with prepare() before the current test is forked (built meanwhile), "
         "pending.wait(), runner.run(prepared, childrun.SandboxedItem) forking the test once "
-        "into it, prepared.close() after. --nsbox's SandboxSpec (outer: mnt/pid/net/uts/ipc; "
-        "init: cgroup; the test joins them and the lock user+mnt with setns), lo left down, no "
+        "into it, prepared.close() after. --nsbox's SandboxSpec (init forked into "
+        "mnt/pid/net/uts/ipc, its own cgroup and lock user+mnt namespaces; the test joins them "
+        "with setns), lo left down, no "
         "hostname; the factory's interpreter imports nsbench.ns_stub before serve(), which "
         "replaces filesystem.set_up with a stub (make mounts private, mount the new /proc). "
         "Without a cgroup, runner.run waits for init's leftover check before it returns",

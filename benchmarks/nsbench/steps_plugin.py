@@ -158,7 +158,7 @@ class NamespacesOnlyFactory(SandboxFactory):
     The same interpreter and flags as :meth:`SandboxFactory.command` (``-I -S``:
     no site-packages, so both this package's and the benchmarks' directories
     go on ``sys.path`` explicitly); :mod:`nsbench.ns_stub` is imported before
-    ``serve``, so every outer and init it forks runs the stub.
+    ``serve``, so every init it forks runs the stub.
     """
 
     def command(self, sock_fd: int) -> list[str]:
