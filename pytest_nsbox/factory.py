@@ -12,9 +12,13 @@ test, pytest forks once, and its child joins them with ``setns``.
 
 Requests go over a SOCK_SEQPACKET socket: a pickled ``(SandboxSpec,
 SandboxCgroup | None)`` and, as SCM_RIGHTS, the init's end of a fresh
-socket pair; pytest keeps the other end and talks to init directly. When
-pytest closes its socket (or dies: the factory has a parent-death signal)
-the factory exits, and every init still waiting sees its channel close.
+socket pair; pytest keeps the other end and talks to init directly. The
+factory also removes each sandbox's cgroup, once the process it forked
+for it (init, or outer) has exited: then the cgroup is empty. When pytest
+closes its socket the factory waits for those processes (each ends when
+pytest closes its channel), removes their cgroups and exits; if pytest
+dies, the factory's parent-death signal ends it, and every init still
+waiting sees its channel close.
 """
 
 from __future__ import annotations
@@ -70,22 +74,57 @@ def serve(sock_fd: int, parent_pid: int) -> None:
     # What the factory holds now it holds for life: frozen, no collection
     # walks it, so its pages stay shared with the processes it forks.
     gc.freeze()
+    cgroups_by_pid: dict[int, SandboxCgroup] = {}  # each sandbox's, by the pid forked for it
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(requests, _MAX_REQUEST, 1, socket.MSG_CMSG_CLOEXEC)
         except InterruptedError:
             continue
         if not data:
+            _reap(cgroups_by_pid, until_none_left=True)
             return
         spec, cgroup = pickle.loads(data)
+        forked: int | None
         if spec.privileged and home is not None:
-            sandbox.start_privileged(spec, cgroup, fds[0], home, (requests.fileno(),))
-        elif os.fork() == 0:
-            requests.close()
-            sandbox.run_outer(spec, cgroup, fds[0], factory_pid)
+            forked = sandbox.start_privileged(spec, cgroup, fds[0], home, (requests.fileno(),))
+        else:
+            forked = os.fork()
+            if forked == 0:
+                requests.close()
+                sandbox.run_outer(spec, cgroup, fds[0], factory_pid)
         for fd in fds:
             os.close(fd)
-        sandbox.reap_exited()
+        if forked is not None and cgroup is not None:
+            cgroups_by_pid[forked] = cgroup
+        _reap(cgroups_by_pid, until_none_left=False)
+
+
+def _reap(cgroups: dict[int, SandboxCgroup], *, until_none_left: bool) -> None:
+    """Reap the sandboxes' processes that exited (or all of them), and remove their cgroups.
+
+    When init has exited its cgroup is empty (a plain user's outer exits
+    after its init): pytest has read its counters before it let init go.
+    What cannot be removed is said on stderr; the session's cgroup manager
+    removes it with the session's directory.
+    """
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, 0 if until_none_left else os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return
+        cgroup = cgroups.pop(pid, None)
+        if cgroup is None:
+            continue
+        try:
+            if not cgroup.remove_if_empty():
+                cgroup.kill()
+                cgroup.remove()
+        except StepError as exc:
+            print(f"nsbox: sandbox factory: {exc}", file=sys.stderr, flush=True)
 
 
 # -- the pytest side -----------------------------------------------------------
@@ -342,8 +381,8 @@ class SandboxPipeline:
     spec with equal cgroup limits: the working directory or ``sys.path`` may
     have changed since, and its init must still run), else it is discarded
     and a sandbox built now. A test's cgroup is planned by ``plan_cgroup``
-    (the sandbox's init makes it) and removed one test later (see
-    :meth:`_retire`). The pipeline does not own the factory.
+    (the sandbox's init makes it, the factory removes it). The pipeline
+    does not own the factory.
     """
 
     def __init__(
@@ -354,7 +393,6 @@ class SandboxPipeline:
         self.factory = factory
         self._plan_cgroup = plan_cgroup
         self._next: PendingSandbox | None = None
-        self._retired: list[SandboxCgroup] = []
 
     def take(self, spec: sandbox.SandboxSpec, limits: Limits | None) -> PreparedSandbox:
         """The sandbox for a test: the one built ahead if it fits, else one built now."""
@@ -366,7 +404,7 @@ class SandboxPipeline:
                     return prepared
                 self.release(prepared)  # its init died meanwhile (with a factory that died?)
             else:
-                self._discard(pending)
+                pending.discard()
         try:
             return self._prepare(spec, limits).wait()
         except StepError as exc:  # the factory could not be started or asked
@@ -380,57 +418,14 @@ class SandboxPipeline:
             self._next = None
 
     def release(self, prepared: PreparedSandbox) -> None:
-        """After the test: let its init go, and its cgroup once init has left it."""
+        """After the test: let its init go (the factory then removes its cgroup)."""
         prepared.close()
-        if prepared.cgroup is not None:
-            self._retire(prepared.cgroup)
 
     def close(self) -> None:
-        """Drop the sandbox built ahead and remove every cgroup left; twice is fine.
-
-        Each cgroup is tried even if one fails; the first failure is raised.
-        """
+        """Drop the sandbox built ahead; twice is fine."""
         if self._next is not None:
-            self._discard(self._next)
+            self._next.discard()
             self._next = None
-        failure: BaseException | None = None
-        while self._retired:
-            try:
-                _remove(self._retired.pop(0))
-            except BaseException as exc:
-                failure = failure or exc
-        if failure is not None:
-            raise failure
 
     def _prepare(self, spec: sandbox.SandboxSpec, limits: Limits | None) -> PendingSandbox:
-        cgroup = self._plan_cgroup(limits)
-        try:
-            return self.factory.prepare(spec, cgroup)
-        except BaseException:
-            if cgroup is not None:
-                self._retire(cgroup)
-            raise
-
-    def _discard(self, pending: PendingSandbox) -> None:
-        pending.discard()
-        if pending.cgroup is not None:
-            self._retire(pending.cgroup)
-
-    def _retire(self, cgroup: SandboxCgroup) -> None:
-        """Remove a finished test's cgroup, one test later.
-
-        When the test's reports are in, its init is only just told to end;
-        a test later its cgroup is empty and rmdir is immediate, where right
-        away it would wait for init's exit. (Removed while the next test
-        runs instead, it slowed that test's start: the parent's page writes
-        then race the child's copy-on-write faults.)
-        """
-        self._retired.append(cgroup)
-        while len(self._retired) > 1:
-            _remove(self._retired.pop(0))
-
-
-def _remove(cgroup: SandboxCgroup) -> None:
-    if not cgroup.remove_if_empty():
-        cgroup.kill()
-        cgroup.remove()
+        return self.factory.prepare(spec, self._plan_cgroup(limits))

@@ -178,26 +178,28 @@ def start_privileged(
     channel_fd: int,
     home: HomeNamespaces,
     factory_fds: tuple[int, ...],
-) -> None:
+) -> int | None:
     """Root, in the factory: unshare the sandbox's namespaces, fork init into them, go home.
 
-    A failure to build the sandbox reaches pytest as its setup error; a
-    failure to return home raises, and the factory ends. Init closes
-    ``factory_fds`` (the factory's own) and ``home``'s descriptors first.
+    Returns init's pid, None if there is no init. A failure to build the
+    sandbox reaches pytest as its setup error; a failure to return home
+    raises, and the factory ends. Init closes ``factory_fds`` (the
+    factory's own) and ``home``'s descriptors first.
     """
     try:
         kernel.unshare(spec.namespaces)
     except kernel.SandboxSetupError as exc:
         _report_setup_error(channel_fd, exc)
-        return
+        return None
     try:
         init_pid, lock = _fork_init(spec, cgroup, channel_fd, (*factory_fds, *home.descriptors()))
     except kernel.SandboxSetupError as exc:
         _report_setup_error(channel_fd, exc)
-        return
+        return None
     finally:
         home.enter()
     _answer_lock_request(lock, init_pid, _lock_id_maps(spec), home.proc)
+    return init_pid
 
 
 def run_outer(

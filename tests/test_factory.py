@@ -782,6 +782,64 @@ def test_after_a_session_nothing_is_left(pytester: pytest.Pytester) -> None:
     assert [d for d, owner in cgroup_session_dirs().items() if owner == me] == []
 
 
+CGROUP_COUNT_CONFTEST = """
+import json, os, re
+
+COUNTS = []
+_SESSIONS = []
+
+
+def _session_dirs():
+    pattern = re.compile(rf"nsbox-{os.getpid()}(-\\d+)?")
+    with open("/proc/self/mountinfo") as mounts:
+        tops = [f[4] for f in map(str.split, mounts) if f[f.index("-") + 1] in ("cgroup", "cgroup2")]
+    return [
+        os.path.join(dirpath, name)
+        for top in tops
+        for dirpath, dirnames, _ in os.walk(top)
+        for name in dirnames
+        if pattern.fullmatch(name)
+    ]
+
+
+def pytest_runtest_logfinish(nodeid):
+    _SESSIONS[:] = _SESSIONS or _session_dirs()
+    COUNTS.append(max(sum(name.startswith("t") for name in os.listdir(s)) for s in _SESSIONS))
+
+
+def pytest_sessionfinish(session):
+    with open("counts.json", "w") as out:
+        json.dump(COUNTS, out)
+"""
+
+
+@needs_cgroups
+def test_each_tests_cgroup_is_removed_while_the_session_goes_on(pytester: pytest.Pytester) -> None:
+    """The factory removes a test's cgroup once its init has exited: they do not pile up.
+
+    At each test's end there are its own cgroup, the next test's, and
+    those of a sandbox or two whose init is on its way out or not yet
+    reaped (the factory reaps when the next request comes): a handful, how
+    however many tests ran.
+    """
+    pytester.makeconftest(CGROUP_COUNT_CONFTEST)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        pytestmark = pytest.mark.nsbox(memory="64m")
+
+        @pytest.mark.parametrize("n", range(24))
+        def test_limited(n):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=24)
+    counts = json.loads((pytester.path / "counts.json").read_text())
+    assert len(counts) == 24 and max(counts) <= 6, counts
+
+
 # -- 5. pytest-xdist -----------------------------------------------------------------
 
 XDIST_TESTS = (

@@ -15,7 +15,7 @@ until init (a plain user's: outer) has exited (and, with a cgroup, its
 rmdir); the levels are interleaved (``fork ns overlay lo full fork ns ...``)
 so load drifts hit them alike. The plugin instead asks for the next test's
 sandbox before it forks the current test, so that building overlaps the
-test (and removes a cgroup one test later): the sum here is the sequential
+test (and its factory removes a cgroup once init has exited): the sum here is the sequential
 cost of the calls, not a bound on the plugin's time per test.
 
 Levels (each includes the ones before it, as the benchmark's rows do):
@@ -50,8 +50,8 @@ Levels (each includes the ones before it, as the benchmark's rows do):
             ``cgroup.procs`` on v2) before it unshares cgroup; the test process joins it
             first thing; after the reap this process counts the cgroup's tasks
             (pids.current) instead of telling init (1: init only), closes the channel,
-            waits on init's pidfd for its exit and rmdirs the cgroup (the plugin removes it
-            one test later, when init is long gone).
+            waits on init's pidfd for its exit and rmdirs the cgroup (the plugin's factory
+            removes it when it reaps init, at its next request).
 
 Prints one JSON object: seconds per iteration for each level, the same split
 in phases (build: the request until init's descriptors are here; test: the

@@ -182,10 +182,10 @@ def _floor(report: dict[str, Any]) -> list[str]:
         "process's fork until its reap; teardown = the rest, until init (a plain user's: "
         "outer, which ends after init) has exited (and the rmdir). The floor runs them one "
         "after the other; the plugin asks for the next test's sandbox before it forks the "
-        "current test, so the build overlaps the previous test (on another core), and it "
-        "removes a cgroup one test later: its time per test is not bounded below by this sum "
-        "('x floor' under 1 is possible). The padded figures show what pytest's size adds to "
-        "the test phase.",
+        "current test, so the build overlaps the previous test (on another core), and its "
+        "factory removes a cgroup once init has exited: its time per test is not bounded "
+        "below by this sum ('x floor' under 1 is possible). The padded figures show what "
+        "pytest's size adds to the test phase.",
         "  ",
     )
     return lines

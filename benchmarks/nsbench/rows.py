@@ -79,8 +79,9 @@ ROWS = (
         "nsbox (c) + cgroup, engine",
         "as (c) plus a cgroup per test: pytest_nsbox.cgroups.open_manager() once, "
         "manager.plan(Limits(256m, 1 cpu, 64 pids)) per test passed to prepare() (the "
-        "sandbox's init makes and joins it, the test process joins it), removed one test later "
-        "as the plugin's session does (rmdir; kill()+remove() only if not empty); also the "
+        "sandbox's init makes and joins it, the test process joins it), removed by the factory "
+        "once init has exited, as in the plugin (rmdir; kill()+remove() only if not empty); "
+        "also the "
         "plugin's per-test hostname "
         "(nsbox-<test name>). With a cgroup, runner.run counts the cgroup's tasks instead of "
         "waiting for init. None of the plugin's other per-test work (settings, usage, "

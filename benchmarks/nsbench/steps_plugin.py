@@ -38,8 +38,8 @@ Loaded with ``-p nsbench.steps_plugin``; ``$NSBENCH_STEP`` picks what each test 
     ``lo`` plus a per-test cgroup: ``manager.plan(Limits(256 MiB, 1 cpu, 64
     pids))`` per test (``pytest_nsbox.cgroups.open_manager()`` once), passed to
     ``prepare()``: the sandbox's init makes it and joins it, the test process
-    joins it; removed one test later as the plugin's session does (rmdir, and
-    ``kill()`` + ``remove()`` only if something is still in it). Also the
+    joins it; the factory removes it once init has exited, as in the plugin
+    (rmdir, and ``kill()`` + ``remove()`` only if something is still in it). Also the
     hostname the plugin gives each test (``nsbox-<test name>``, so a spec per
     test). With a cgroup, ``runner.run`` counts the cgroup's tasks instead of
     waiting for init.
@@ -207,7 +207,7 @@ class _Engine:
 
     The factory and the plugin's own :class:`SandboxPipeline` (the sandbox
     built ahead for the next test; the cgroup row's cgroups, planned per test
-    and removed one test later), without the plugin's settings and records.
+    and removed by the factory), without the plugin's settings and records.
     """
 
     def __init__(self, config: pytest.Config, step: str) -> None:
