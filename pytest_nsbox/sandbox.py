@@ -356,12 +356,11 @@ def _own(spec: SandboxSpec) -> list[str]:
     return names
 
 
-def _open_namespace(path: str, proc_fd: int | None = None) -> int:
+def _open_namespace(path: str) -> int:
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        where = path if proc_fd is None else f"/proc/{path} (host)"
-        raise kernel.SandboxSetupError(f"open {where}", exc.errno or 0) from None
+        raise kernel.SandboxSetupError(f"open {path}", exc.errno or 0) from None
 
 
 def _make_lock_namespace(lock: _LockRequest) -> dict[str, int]:
