@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import PlainUser, cgroup_session_dirs, run_as
 
-from pytest_nsbox import cgroups
+from pytest_nsbox import cgroups, kernel
 
 try:
     cgroups.open_manager().close()
@@ -1394,3 +1394,91 @@ def test_a_factory_that_does_not_end_is_killed_at_close() -> None:
         if factory.pid is not None:
             os.kill(factory.pid, signal.SIGKILL)
             factory.close()
+
+
+# -- 9. root that cannot return to its own namespaces ---------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs real root to map every id")
+def test_root_of_a_user_namespace_that_owns_none_of_its_namespaces(tmp_path: Path) -> None:
+    """Root in a user namespace that maps every id but owns none of its namespaces.
+
+    Such a factory could not return to its own namespaces after forking an
+    init (setns needs CAP_SYS_ADMIN over their owner), so it forks an outer
+    per sandbox, as a plain user's does. Root's sequence fails there (an
+    overlay without userxattr needs the host's root), and the session
+    sandboxes the rootless way, with the same factory.
+    """
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "conftest.py").write_text(
+        textwrap.dedent(
+            """
+            from pytest_nsbox import sandbox
+
+            def pytest_report_header():
+                home = sandbox.HomeNamespaces.open()
+                return f"home namespaces: {'returnable' if home else 'not returnable'}"
+            """
+        )
+    )
+    (project / "test_inside.py").write_text(
+        textwrap.dedent(
+            """
+            import os, pytest
+
+            pytestmark = pytest.mark.nsbox
+
+            def test_sandboxed():
+                assert os.getpid() == 2
+                assert open("/proc/1/comm").read().strip() == "nsbox-init"
+                with open("data", "w") as data:
+                    data.write("changed")  # thrown away
+            """
+        )
+    )
+    (project / "data").write_text("x")
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child execs pytest or exits
+        try:
+            os.close(go_w)
+            os.close(ready_r)
+            os.close(out_r)
+            kernel.unshare(kernel.CLONE_NEWUSER)  # its other namespaces stay the host's
+            os.write(ready_w, b"u")
+            os.read(go_r, 1)  # the parent writes the id maps
+            os.dup2(out_w, 1)
+            os.dup2(out_w, 2)
+            os.chdir(project)
+            argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--nsbox"]
+            os.execv(sys.executable, argv)
+        except BaseException as exc:
+            os.write(ready_w, repr(exc).encode())
+        finally:
+            os._exit(127)
+    for fd in (go_r, ready_w, out_w):
+        os.close(fd)
+    try:
+        ready = os.read(ready_r, 1)
+        assert ready == b"u", ready + os.read(ready_r, 1000)
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{name}", "w") as id_map:
+                id_map.write("0 0 4294967295")
+        os.write(go_w, b"g")
+        chunks = []
+        while chunk := os.read(out_r, 65536):
+            chunks.append(chunk)
+    finally:
+        for fd in (go_w, ready_r, out_r):
+            os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    output = b"".join(chunks).decode(errors="replace")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, output
+    assert "home namespaces: not returnable" in output, output
+    assert "(rootless)" in output, output
+    assert "1 passed" in output, output
+    assert (project / "data").read_text() == "x"
