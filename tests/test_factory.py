@@ -107,10 +107,10 @@ def descendants(root: int) -> set[int]:
 
 
 def factory_processes(pytest_pid: int) -> set[int]:
-    """The factory of the pytest process ``pytest_pid`` and its forks (outer, init), wherever they were re-parented.
+    """The factory of the pytest process ``pytest_pid`` and its forks (init, a plain user's outer), wherever they were re-parented.
 
-    The factory's command line ends in ``serve(<fd>, <pytest pid>)``; outer
-    and init are forks of it and keep that command line.
+    The factory's command line ends in ``serve(<fd>, <pytest pid>)``; init
+    and outer are forks of it and keep that command line.
     """
     pattern = re.compile(rb"serve\(\d+, " + str(pytest_pid).encode() + rb"\)")
     return {
@@ -1127,7 +1127,7 @@ KILL_FACTORY_CONFTEST = """
 import json, os, signal, time
 
 # NSBOX_TEST_KILL_AND_WAIT=1: give the next test's sandbox time to be ready,
-# kill, and wait until the factory, its outer and init processes are all
+# kill, and wait until the factory, its init (and outer) processes are all
 # gone before the next test starts. Else kill and go on at once: the sandbox
 # prepared for the next test dies (being built, or ready) as that test starts.
 WAIT = os.environ.get("NSBOX_TEST_KILL_AND_WAIT") == "1"
