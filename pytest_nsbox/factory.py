@@ -107,15 +107,7 @@ def _reap(cgroups: dict[int, SandboxCgroup], *, until_none_left: bool) -> None:
     What cannot be removed is said on stderr; the session's cgroup manager
     removes it with the session's directory.
     """
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, 0 if until_none_left else os.WNOHANG)
-        except ChildProcessError:
-            return
-        except InterruptedError:
-            continue
-        if pid == 0:
-            return
+    for pid in sandbox.reap_exited(wait_for_all=until_none_left):
         cgroup = cgroups.pop(pid, None)
         if cgroup is None:
             continue

@@ -421,15 +421,17 @@ def _reap_until_finished(channel_fd: int, wakeup: int) -> bool:
                     return False
 
 
-def reap_exited() -> None:
-    """Reap every child that has exited, without waiting for the others."""
+def reap_exited(*, wait_for_all: bool = False) -> list[int]:
+    """Reap every child that has exited (``wait_for_all``: every child, waiting); their pids."""
+    reaped: list[int] = []
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, _ = os.waitpid(-1, 0 if wait_for_all else os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.append(pid)
 
 
 # -- in the pytest process's child: the test ---------------------------------
@@ -559,13 +561,7 @@ def _kill_leftovers() -> list[list[object]]:
         # From pid 1, -1 means every other process of the namespace.
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
-    while True:
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
+    reap_exited(wait_for_all=True)
     return sorted(left)
 
 
