@@ -15,6 +15,7 @@ import gc
 import os
 import select
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ _READ_CHUNK = 1 << 20
 _PIPE_SIZE = 1 << 20
 _DRAIN_SECONDS = 0.02
 _INIT_EXIT_GRACE = 0.2  # seconds init may take to finish dying (see _init_outlived)
+_FORK_WARNS = sys.version_info >= (3, 12)  # see _fork
 
 
 @dataclass
@@ -72,8 +74,9 @@ def run(
 
     ``run_test`` is called in the child with the pipe's write end. Root's
     child is forked straight into the sandbox's pid namespace: the pytest
-    process points its pid namespace for children there for the one
-    ``fork`` and back to its own after. The child closes every descriptor of
+    process points its pid namespace for children there for the ``fork``,
+    and back to its own once the child is reaped (meanwhile pytest only
+    waits, and does not fork). The child closes every descriptor of
     the factory and its sandboxes before the test runs. On timeout the whole
     sandbox is killed: through the cgroup when there is one, and through its
     init, whose death takes every process of its pid namespace with it. On
@@ -95,7 +98,11 @@ def run(
     closing = tuple({*factory.descriptors(), *prepared.descriptors()})
     test_process = run_test(write_fd)
     signal_resets = sandbox.signals_to_reset()
+    # And what the parent needs while the child lives: every page it writes
+    # then is copied too, as long as the child still shares it.
+    child = _Child(read_fd, channel)
     started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
     # Frozen objects are never traversed by a collection, the child's or
     # (until the child is gone) the parent's, so their pages stay shared
     # instead of being copied (fork's copy-on-write).
@@ -122,13 +129,13 @@ def run(
             signal_resets,
         )
     os.close(write_fd)
-    deadline = None if timeout is None else started + timeout
     try:
-        child = _Child(pid, os.pidfd_open(pid), read_fd, channel)
+        child.follow(pid)
         try:
             _collect(child, prepared, factory, result, deadline)
         finally:
-            os.close(child.pidfd)
+            if child.pidfd >= 0:
+                os.close(child.pidfd)
     except BaseException:
         result.interrupted = True
         _kill_sandbox(pid, prepared, result)
@@ -138,6 +145,8 @@ def run(
     finally:
         os.close(read_fd)
         gc.unfreeze()
+        if spec.privileged:
+            _return_to_own_pid_namespace(factory)
     for data in child.buffers.values():
         _decode(data, result)
     if result.test_status is None:
@@ -178,53 +187,68 @@ def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
     if privileged:
         kernel.setns(prepared.namespaces["pid"], kernel.CLONE_NEWPID, "pid, for the test")
     try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about fork() in a multi-threaded process (a
-            # pytest-xdist worker). The child never touches another thread's
-            # state: it runs the test and talks only through its own pipe.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        pid = _fork()
     except BaseException as exc:
         if privileged:
-            _return_to_own_pid_namespace(None, factory)
+            _return_to_own_pid_namespace(factory)
         if isinstance(exc, OSError):
             # A pid namespace whose init has exited takes no new process: ENOMEM.
             detail = "" if prepared.alive() else _init_lost(prepared, factory)
             step = "fork the test process into the sandbox"
             raise kernel.SandboxSetupError(step, exc.errno or 0, detail) from None
         raise
-    if privileged and pid != 0:  # only the parent goes back; the child is pid 2 there
-        _return_to_own_pid_namespace(pid, factory)
     return pid
 
 
-def _return_to_own_pid_namespace(child: int | None, factory: SandboxFactory) -> None:
+def _fork() -> int:
+    """os.fork(), without Python 3.12's warning for a multi-threaded process.
+
+    That is a pytest-xdist worker; the child never touches another thread's
+    state: it runs the test and talks only through its own pipe. Before
+    3.12 there is no warning, and no filters to copy in both processes.
+    """
+    if not _FORK_WARNS:
+        return os.fork()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+def _return_to_own_pid_namespace(factory: SandboxFactory) -> None:
     """Point pytest's pid namespace for children back at its own.
 
     If that fails, every later fork of pytest would land in a sandbox: the
-    child is killed and reaped, and the session stops with the reason.
+    session stops with the reason.
     """
     try:
         kernel.setns(factory.own_pid_namespace, kernel.CLONE_NEWPID, "pytest's own pid")
     except kernel.SandboxSetupError as exc:
-        if child is not None:
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
         raise RuntimeError(f"nsbox: cannot go on forking tests: {exc}") from None
 
 
-@dataclass
 class _Child:
-    """The test process as the parent watches it: its pidfd and the two byte streams."""
+    """The test process as the parent watches it: its pidfd and the two byte streams.
 
-    pid: int
-    pidfd: int
-    pipe: int  # the test's result pipe
-    channel: int  # init's end of the conversation
-    buffers: dict[int, bytearray] = field(default_factory=dict)
+    Made before the fork, with init's channel already watched, so that the
+    parent only opens the child's pidfd before it sleeps in ``poll``.
+    """
 
-    def __post_init__(self) -> None:
-        self.buffers = {self.pipe: bytearray(), self.channel: bytearray()}
+    def __init__(self, pipe: int, channel: int) -> None:
+        self.pipe = pipe  # the test's result pipe
+        self.channel = channel  # init's end of the conversation
+        self.pid = 0
+        self.pidfd = -1
+        self.buffers = {pipe: bytearray(), channel: bytearray()}
+        self.poller = select.poll()
+        self.poller.register(channel, select.POLLIN)
+        self.watched = {channel}
+
+    def follow(self, pid: int) -> None:
+        """Watch the forked child ``pid`` through its pidfd."""
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.poller.register(self.pidfd, select.POLLIN)
+        self.watched.add(self.pidfd)
 
 
 def _collect(
@@ -247,10 +271,7 @@ def _collect(
     Init is asked for its report only when it has something to tell (see
     :func:`_init_has_news`); it ends when its channel closes.
     """
-    poller = select.poll()
-    poller.register(child.pidfd, select.POLLIN)
-    poller.register(child.channel, select.POLLIN)
-    watched = {child.pidfd, child.channel}
+    poller, watched = child.poller, child.watched
     while watched:
         wait = _DRAIN_SECONDS if child.pidfd in watched else None
         if deadline is not None:
