@@ -52,11 +52,14 @@ class SandboxedItem:
         self.settings = settings
         self.result_fd = result_fd
         self.plain_shape = plainreport.shape_for(item)  # taken before the fork
+        # Looked up before the fork too: even finding that no plugin
+        # implements the hook costs the child copied pages.
+        hook = item.config.hook.pytest_nsbox_sandbox_ready
+        self.sandbox_ready = hook if hook.get_hookimpls() else None
 
     def prepare(self) -> None:
-        hook = self.item.config.hook.pytest_nsbox_sandbox_ready
-        if hook.get_hookimpls():  # a call with no implementation still costs page copies
-            hook(item=self.item, settings=self.settings)
+        if self.sandbox_ready is not None:
+            self.sandbox_ready(item=self.item, settings=self.settings)
 
     def run(self) -> None:
         global _result_fd, _plain_shape

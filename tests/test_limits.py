@@ -72,6 +72,22 @@ def test_oom_kill_is_reported_and_the_session_goes_on(pytester: pytest.Pytester)
     assert '<property name="nsbox_event" value="oom" />' in text
 
 
+def test_the_test_process_is_the_oom_killers_first_choice(pytester: pytest.Pytester) -> None:
+    """Its oom_score_adj is the highest; the sandbox's init keeps a lower one (-1000 where allowed)."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nsbox(memory="64m")
+        def test_scores():
+            with open("/proc/self/oom_score_adj") as own, open("/proc/1/oom_score_adj") as init:
+                assert (own.read(), init.read()) in (("1000\\n", "0\\n"), ("1000\\n", "-1000\\n"))
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
 def test_subprocess_oom_kill_is_reported(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
