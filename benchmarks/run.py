@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -44,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nsbench import machine, memory, overlay, sessions
+from nsbench import machine, memory, overlay, plainuser, sessions
 from nsbench.report import render
 from nsbench.rows import ROWS, Row
 from nsbench.stats import intervals, quantile, summarize
@@ -106,21 +107,60 @@ class RowRuns:
     problem: str | None = None
 
 
+@dataclass(frozen=True)
+class Projects:
+    """Where the rows' sessions run: root's project, and the plain user's copy, which it owns."""
+
+    root: Path
+    scratch: Path  # root's, for the probe's output
+    user: Path | None = None  # the plain user's directory: its project and probe output
+    uid: int = -1
+    gid: int = -1
+
+    def for_row(self, row: Row) -> tuple[Path, Path, Callable[[], None] | None]:
+        """(project, probe output, preexec) of a row's session."""
+        if not row.user:
+            return self.root, self.scratch / "probe.json", None
+        assert self.user is not None
+        project = self.user / "project"
+        reachable = [*plainuser.interpreter_paths(), str(self.user)]
+        become = plainuser.becoming(self.uid, self.gid, reachable)
+        return project, self.user / "probe.json", become
+
+
+def plain_user_projects(root: Path, scratch: Path, n: int) -> Projects | str:
+    """``root`` and a copy of its project that the plain user owns; or why there is none."""
+    if os.geteuid() != 0:
+        return "the harness runs as a plain user: its other rows are the rootless path already"
+    try:
+        entry = pwd.getpwnam(plainuser.PLAIN_USER)
+    except KeyError:
+        return (
+            f"no user {plainuser.PLAIN_USER!r} (the test suite creates it: "
+            f"useradd --system --no-create-home {plainuser.PLAIN_USER})"
+        )
+    home = scratch / "plain-user"
+    sessions.make_project(home / "project", n)
+    for path in (home, *home.rglob("*")):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    return Projects(root, scratch, home, entry.pw_uid, entry.pw_gid)
+
+
 def run_rounds(
     rows: Sequence[Row],
-    project: Path,
+    projects: Projects,
     n: int,
     pythons: dict[str, str],
     mode: Mode,
-    scratch: Path,
     floor_job: Callable[[int], None] | None,
     seed: int,
 ) -> dict[str, RowRuns]:
     """Every row once per round, rows (and the floor job) in a new random order each round."""
     runs = {row.key: RowRuns(row, {}) for row in rows}
-    for venv in sorted({row.venv for row in rows}):
-        log(f"warm-up: inline session on the {venv} venv (bytecode caches)")
-        _one_session(Row("warmup", "", "", venv), project, n, pythons, scratch)
+    for venv, user in sorted({(row.venv, row.user) for row in rows}):
+        who = " as the plain user" if user else ""
+        log(f"warm-up: inline session on the {venv} venv{who} (bytecode caches)")
+        _one_session(Row("warmup", "", "", venv, user=user), projects, n, pythons)
     rng = random.Random(seed)
     for round_number in range(mode.reps):
         jobs: list[Any] = [row for row in rows]
@@ -138,7 +178,7 @@ def run_rounds(
                 continue
             log(f"round {round_number + 1}/{mode.reps}: {job.label}")
             try:
-                entry.results[round_number] = _one_session(job, project, n, pythons, scratch)
+                entry.results[round_number] = _one_session(job, projects, n, pythons)
             except (sessions.SessionFailed, subprocess.TimeoutExpired) as exc:
                 entry.problem = f"session failed: {str(exc)[-1500:]}"
                 log(f"  {job.key} failed: {str(exc)[-400:]}")
@@ -146,12 +186,15 @@ def run_rounds(
 
 
 def _one_session(
-    row: Row, project: Path, n: int, pythons: dict[str, str], scratch: Path
+    row: Row, projects: Projects, n: int, pythons: dict[str, str]
 ) -> sessions.SessionResult:
+    project, probe_out, preexec = projects.for_row(row)
     argv = sessions.pytest_argv(pythons[row.venv], project, row.args)
     env = sessions.session_env(**row.env)
+    if row.user:
+        env["HOME"] = str(project.parent)
     timeout = 120 + 2.0 * n
-    return sessions.run_session(argv, env, n, scratch / "probe.json", timeout)
+    return sessions.run_session(argv, env, n, probe_out, timeout, preexec)
 
 
 def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]]:
@@ -166,6 +209,7 @@ def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]
             continue
         walls = [r.wall for r in entry.results.values()]
         figures["wall_s"] = summarize(walls).as_dict()
+        figures["uids"] = sorted({r.uid for r in entry.results.values()})
         pooled = [i for r in entry.results.values() for i in intervals(r.stamps)]
         figures["interval_ms"] = summarize(pooled).scaled(1000).as_dict()
         base = runs.get(row.baseline)
@@ -459,8 +503,15 @@ def _sessions_and_floor(
         rows += [r for r in ROWS if r.key in ("inline", "full", "xdist") and r not in rows]
     if args.rows:
         wanted = set(args.rows.split(","))
-        rows = [r for r in rows if r.key in wanted or r.key in ("inline", "forked_inline")]
+        baselines = {r.baseline for r in rows if r.key in wanted}
+        rows = [r for r in rows if r.key in wanted | baselines | {"inline"}]
     skipped: dict[str, str] = {}
+    projects: Projects | str = Projects(project, scratch)
+    if any(r.user for r in rows):
+        projects = plain_user_projects(project, scratch, mode.n)
+        if isinstance(projects, str):
+            skipped.update({r.key: projects for r in rows if r.user})
+            projects = Projects(project, scratch)
     if not args.no_pytest_forked and any(r.venv == "forked" for r in rows):
         log("pytest-forked reference venv (created on first use)")
         python, versions = sessions.ensure_forked_venv(CACHE)
@@ -470,7 +521,10 @@ def _sessions_and_floor(
     for row in rows:
         if row.venv == "forked" and "forked" not in pythons:
             skipped[row.key] = report.get("pytest_forked") or "--no-pytest-forked"
-        elif row.key not in ("inline", "fork") and report["nsbox_problem"]:
+        elif (
+            row.key not in ("inline", "fork", "inline_user", "fork_user")
+            and report["nsbox_problem"]
+        ):
             skipped[row.key] = f"nsbox cannot sandbox here: {report['nsbox_problem']}"
     if isinstance(manager, str):
         for key in ("cgroup", "full", "xdist"):
@@ -478,11 +532,10 @@ def _sessions_and_floor(
     floor = _floor(sections, mode, scratch, project, manager)
     runs = run_rounds(
         [r for r in rows if r.key not in skipped],
-        project,
+        projects,
         mode.n,
         pythons,
         mode,
-        scratch,
         (lambda _round: floor.run()) if floor is not None else None,
         args.seed,
     )

@@ -24,8 +24,11 @@ import pytest
 
 from pytest_nsbox import kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from nsbench import plainuser  # shared with the benchmark's rootless rows
+
 PR_SET_DUMPABLE = 4
-PLAIN_USER = "nsbox-tester"
+PLAIN_USER = plainuser.PLAIN_USER
 
 T = TypeVar("T")
 
@@ -66,10 +69,7 @@ def run_in_fork_as(user: PlainUser, fn: Callable[[], T]) -> T:
         status = 0
         try:
             os.close(read_end)
-            make_reachable(interpreter_paths())
-            os.setgroups([])
-            os.setgid(user.gid)
-            os.setuid(user.uid)
+            plainuser.becoming(user.uid, user.gid, plainuser.interpreter_paths())()
             # setuid() made this process non-dumpable, which makes its /proc
             # files root's; a user's own login process is dumpable.
             kernel.prctl(PR_SET_DUMPABLE, 1)
@@ -91,65 +91,6 @@ def run_in_fork_as(user: PlainUser, fn: Callable[[], T]) -> T:
     return value  # type: ignore[no-any-return]
 
 
-def _blocking_ancestor(path: str) -> tuple[str, str] | None:
-    """The first directory on the way to ``path`` that others may not traverse.
-
-    Returns (that directory, the next path component below it), or None when
-    the whole path is reachable for any user.
-    """
-    parts = os.path.abspath(path).split("/")[1:]
-    current = "/"
-    for part in parts:
-        if not os.stat(current).st_mode & 0o001:
-            return current, part
-        current = os.path.join(current, part)
-    return None
-
-
-def make_reachable(paths: list[str]) -> None:
-    """In a private mount namespace, make ``paths`` reachable by any user.
-
-    Called as root in a forked child before it drops to the plain user: the
-    interpreter and packages may live under ``/root`` (mode 0700), as pyenv
-    and tox put them. Each blocking directory gets a 0755 tmpfs laid over it
-    that holds only bind mounts of the entries on the way to the needed
-    paths. Nothing changes outside this process's own mount namespace.
-    """
-    kernel.unshare(kernel.CLONE_NEWNS)
-    kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, None)
-    for _ in range(16):
-        blocked: dict[str, set[str]] = {}
-        for path in paths:
-            found = _blocking_ancestor(path)
-            if found is not None:
-                blocked.setdefault(found[0], set()).add(found[1])
-        if not blocked:
-            return
-        for directory, children in sorted(blocked.items()):
-            held = {child: os.open(os.path.join(directory, child), os.O_PATH) for child in children}
-            kernel.mount("tmpfs", directory, "tmpfs", 0, "mode=0755,size=1m")
-            for child, fd in held.items():
-                target = os.path.join(directory, child)
-                if os.path.isdir(f"/proc/self/fd/{fd}"):
-                    os.mkdir(target)
-                else:
-                    open(target, "w").close()
-                kernel.mount(
-                    f"/proc/self/fd/{fd}", target, None, kernel.MS_BIND | kernel.MS_REC, None
-                )
-                os.close(fd)
-    raise RuntimeError(f"could not make {paths} reachable")
-
-
-def interpreter_paths() -> list[str]:
-    """What a plain user needs to read to run this interpreter with its packages."""
-    import pytest_nsbox
-    from pytest_nsbox.sandbox import interpreter_paths as python_paths
-
-    package_root = os.path.dirname(os.path.dirname(pytest_nsbox.__file__))
-    return sorted({*python_paths(), os.path.realpath(sys.executable), package_root})
-
-
 def run_as(
     user: PlainUser,
     argv: list[str],
@@ -163,16 +104,7 @@ def run_as(
     ``as_root_first`` runs in the command's private mount namespace before
     the ids are dropped: a place to mount things only that command sees.
     """
-    reachable = [*interpreter_paths(), cwd]
-
-    def become_user() -> None:
-        make_reachable(reachable)
-        if as_root_first is not None:
-            as_root_first()
-        os.setgroups([])
-        os.setgid(user.gid)
-        os.setuid(user.uid)
-
+    reachable = [*plainuser.interpreter_paths(), cwd]
     full_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": cwd,
@@ -183,7 +115,7 @@ def run_as(
         argv,
         cwd=cwd,
         env=full_env,
-        preexec_fn=become_user,
+        preexec_fn=plainuser.becoming(user.uid, user.gid, reachable, as_root_first),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -18,13 +18,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PlainUser
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 RUN = BENCH_DIR / "run.py"
 TINY = [
     "--n=6",
     "--reps=1",
-    "--rows=fork,full",
+    "--rows=fork,full,fork_user,full_user",
     "--sections=1,2,3,4,6",
     "--sustained=9",
     "--window=3",
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_tiny_run_reports_every_section(tmp_path: Path) -> None:
+def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -> None:
     out = tmp_path / "figures.json"
     done = subprocess.run(
         [sys.executable, str(RUN), *TINY, f"--json={out}"],
@@ -54,9 +55,10 @@ def test_tiny_run_reports_every_section(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
 
     overhead = figures["overhead"]
-    for key in ("inline", "fork", "full"):
+    for key in ("inline", "fork", "full", "inline_user", "fork_user", "full_user"):
         assert overhead[key].get("problem") is None, overhead[key]
         assert overhead[key]["wall_s"]["median"] > 0
+        assert overhead[key]["uids"] == [plain_user.uid if key.endswith("_user") else 0]
     # With 6 tests the sign of an overhead is noise; that it was computed is the point.
     assert isinstance(overhead["full"]["overhead_ms"]["median"], float)
     assert set(figures["floor"]["levels_ms"]) >= {"fork", "ns", "overlay", "lo"}

@@ -57,4 +57,6 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     if not path or hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller writes the file
     with open(path, "w") as out:
-        json.dump({"stamps": _stamps, "samples": _samples, "pid": os.getpid()}, out)
+        json.dump(
+            {"stamps": _stamps, "samples": _samples, "pid": os.getpid(), "uid": os.getuid()}, out
+        )

@@ -68,7 +68,6 @@ def _overhead(report: dict[str, Any]) -> list[str]:
         return []
     floors = report.get("floor", {}).get("levels_ms", {})
     forked = table.get("forked", {}).get("overhead_ms")
-    fork = table.get("fork", {}).get("overhead_ms")
     lines = [
         "",
         f"1. Per-test overhead, N={report['n']} trivial tests, whole sessions in subprocesses, "
@@ -85,13 +84,14 @@ def _overhead(report: dict[str, Any]) -> list[str]:
             rows.append([row.label, " ".join(figures["problem"].split())[:70], "", "", "", "", ""])
             continue
         overhead = figures.get("overhead_ms")
+        fork = table.get(row.fork_baseline, {}).get("overhead_ms")
         rows.append(
             [
                 row.label,
                 _band(figures["wall_s"]),
                 _band(overhead),
                 _band(figures["interval_ms"]),
-                _ratio(overhead, fork) if row.key != "fork" else "",
+                _ratio(overhead, fork) if row.key != row.fork_baseline else "",
                 _ratio(overhead, forked) if row.key != "forked" else "",
                 _ratio(overhead, floors.get(row.floor or "")),
             ]
@@ -99,7 +99,8 @@ def _overhead(report: dict[str, Any]) -> list[str]:
     header = ["row", "wall s", "overhead ms/test", "interval ms", "x fork", "x forked", "x floor"]
     lines += _table(header, rows)
     lines.append(
-        "  x fork / x forked / x floor: median overhead over the fork-only row's, "
+        "  x fork / x forked / x floor: median overhead over the fork-only row's (the plain "
+        "user's for its rows), "
         "pytest-forked's, and the raw floor of the same system calls (section 2)"
     )
     lines.append("  How each row was measured:")

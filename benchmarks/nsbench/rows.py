@@ -22,6 +22,8 @@ class Row:
     baseline: str = "inline"  # the inline row of the same venv, subtracted for the overhead
     floor: str | None = None  # the raw-floor level with the same system calls
     section: int = 1
+    user: bool = False  # run as the plain user (plainuser.PLAIN_USER), in a project it owns
+    fork_baseline: str = "fork"  # the fork-only row its "x fork" ratio is taken against
 
 
 def _step(key: str, label: str, how: str, floor: str) -> Row:
@@ -121,5 +123,41 @@ ROWS = (
         ("--forked",),
         baseline="forked_inline",
         floor="fork",
+    ),
+    # The rootless path: what a user who runs pytest without root gets (CI
+    # runners, laptops). Without cgroups delegated to the user there are no
+    # limits, so the sandbox is --nsbox alone; its own inline and fork-only
+    # rows, as the same user, are its baselines.
+    Row(
+        "inline_user",
+        "plain user: inline",
+        "as the inline row, run as the plain user nsbox-tester (ids dropped after making the "
+        "interpreter reachable, in a project that user owns): the baseline of the next two rows",
+        "main",
+        baseline="inline_user",
+        user=True,
+    ),
+    Row(
+        "fork_user",
+        "plain user: fork-only",
+        "as the fork-only baseline, as nsbox-tester",
+        "main",
+        STEPS_PLUGIN,
+        {"NSBENCH_STEP": "fork"},
+        baseline="inline_user",
+        user=True,
+        fork_baseline="fork_user",
+    ),
+    Row(
+        "full_user",
+        "plain user: nsbox --nsbox",
+        "the plugin as nsbox-tester: --nsbox (user, mnt, pid, net, uts, ipc namespaces, overlay, "
+        "loopback; no cgroup limits: none delegated to the user). x fork: over the plain user's "
+        "fork-only row",
+        "main",
+        ("--nsbox",),
+        baseline="inline_user",
+        user=True,
+        fork_baseline="fork_user",
     ),
 )

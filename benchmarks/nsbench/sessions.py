@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,12 +78,22 @@ class SessionResult:
     stamps: list[float] = field(default_factory=list)
     samples: dict[str, dict[str, int]] = field(default_factory=dict)
     pid: int = 0
+    uid: int = -1  # whom the session's pytest ran as
 
 
 def run_session(
-    argv: Sequence[str], env: dict[str, str], expected: int, probe_out: Path, timeout: float
+    argv: Sequence[str],
+    env: dict[str, str],
+    expected: int,
+    probe_out: Path,
+    timeout: float,
+    preexec: Callable[[], None] | None = None,
 ) -> SessionResult:
-    """Run one session, timed from spawn to exit; it must pass exactly ``expected`` tests."""
+    """Run one session, timed from spawn to exit; it must pass exactly ``expected`` tests.
+
+    ``preexec`` runs in the child before the exec (a plain user's rows drop
+    their ids there: :func:`nsbench.plainuser.becoming`).
+    """
     probe_out = probe_out.absolute()  # the session runs in the project's directory
     env = dict(env, NSBENCH_PROBE_OUT=str(probe_out))
     started = time.perf_counter()
@@ -95,6 +105,7 @@ def run_session(
         stderr=subprocess.STDOUT,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec,
     )
     wall = time.perf_counter() - started
     tail = done.stdout.strip().splitlines()[-1:] or [""]
@@ -105,7 +116,7 @@ def run_session(
         )
     probe: dict[str, Any] = json.loads(probe_out.read_text())
     probe_out.unlink()
-    return SessionResult(wall, probe["stamps"], probe["samples"], probe["pid"])
+    return SessionResult(wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"])
 
 
 def ensure_forked_venv(cache: Path) -> tuple[str | None, str]:
