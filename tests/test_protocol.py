@@ -54,3 +54,40 @@ def test_frame_with_valid_header_but_bad_json() -> None:
     bad = b"NSBX" + (5).to_bytes(4, "big") + b"{oops"
     with pytest.raises(protocol.ProtocolError, match="not valid"):
         protocol.FrameReader().feed(bad)
+
+
+FLAT_BODIES = [
+    {"status": 0},
+    {"status": -9},
+    {"when": "teardown", "duration": 1e-05, "start": 1764590000.123456, "stop": -0.0},
+    {"big": 10**30, "small": 5e-324, "huge": 1.7976931348623157e308},
+    {},
+]
+OTHER_BODIES = [
+    {"ok": True},
+    {"value": float("nan")},
+    {"text": 'a "quoted" word'},
+    {"text": "naïve"},
+    {"nested": {"a": [1, 2]}},
+    {"bad key": 1},
+]
+
+
+@pytest.mark.parametrize("body", FLAT_BODIES)
+def test_flat_bodies_are_formatted_as_json_without_the_encoder(
+    body: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_encoder(*args: object, **kwargs: object) -> str:
+        raise AssertionError("the JSON encoder was used")
+
+    monkeypatch.setattr(protocol.json, "dumps", no_encoder)
+    (frame,) = protocol.FrameReader().feed(protocol.encode("plain_report", body))
+    assert frame == protocol.Frame("plain_report", body)
+    assert [type(v) for v in frame.body.values()] == [type(v) for v in body.values()]
+
+
+@pytest.mark.parametrize("body", OTHER_BODIES, ids=repr)
+def test_other_bodies_take_the_encoder(body: dict[str, object]) -> None:
+    (frame,) = protocol.FrameReader().feed(protocol.encode("report", body))
+    assert frame.kind == "report"
+    assert repr(frame.body) == repr(body)  # repr: nan is not equal to itself
