@@ -138,3 +138,25 @@ def test_ctrl_c_stops_the_session_and_cleans_up(tmp_path: Path, target: str) -> 
     assert session_dirs(proc.pid) == []
     assert Path("/proc/self/mountinfo").read_text() == mounts_before
     assert set(glob.glob("/tmp/pytest-nsbox-probe-*")) == probes_before
+
+
+AFTER_THE_INTERRUPT = """
+import os, subprocess
+
+def pytest_sessionfinish(session):
+    # After Ctrl-C: pytest's own children are born in its own pid namespace again.
+    child = subprocess.run(["readlink", "/proc/self/ns/pid"], capture_output=True, text=True)
+    with open(os.path.join(str(session.config.rootpath), "after.txt"), "w") as out:
+        out.write(f"{child.stdout.strip()} {os.readlink('/proc/self/ns/pid')}")
+"""
+
+
+def test_after_ctrl_c_during_a_sandboxed_test_pytest_forks_at_home(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text(AFTER_THE_INTERRUPT)
+    proc = start_slow_session(tmp_path)
+    os.kill(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    childs, own = (tmp_path / "after.txt").read_text().split()
+    assert childs == own
+    assert wait_for(lambda: marked_processes() == [], 5), marked_processes()
