@@ -11,7 +11,9 @@ Sections, all measured in one run and compared only within it:
 
 1. per-test overhead of N trivial tests, as whole pytest sessions, for plain
    pytest, a fork-only baseline, the nsbox engine layer by layer, the full
-   plugin, and pytest-forked 1.7.5 in a venv of its own (pytest 8.4);
+   plugin, and pytest-forked 1.7.5 in a venv of its own (pytest 8.4); and,
+   run as root, the plain user ``nsbox-tester``'s inline, fork-only and
+   ``--nsbox`` sessions (the rootless path);
 2. the raw floor: the same system calls from a minimal Python process;
 3. overlay set-up time against the size of the rootdir, and copytree's;
 4. sustained throughput and the parent's RSS/fds over a long session;
