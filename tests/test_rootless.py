@@ -7,6 +7,7 @@ with ``userxattr``, capabilities dropped before the test runs.
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -107,6 +108,86 @@ def test_rootless_sandbox_end_to_end(plain_user: PlainUser, user_project: Path) 
     assert (user_project / "data.txt").read_text() == "original"
     assert (user_project / "data.txt").stat().st_mode & 0o777 == 0o644
     assert "rootless" in output
+
+
+def test_rootless_ends_of_a_test_are_reported(plain_user: PlainUser, user_project: Path) -> None:
+    """Each way a test process can end, as a plain user, and no child of pytest left over.
+
+    The test process is a plain user's first child's child: that first
+    child reports how it ended. At each test's end pytest has no child left
+    exiting, nor at the session's.
+    """
+    write(
+        user_project,
+        plain_user,
+        "conftest.py",
+        """
+        import json, os
+        import pytest
+
+        SEEN = []
+
+        def _exiting_children():
+            me, found = str(os.getpid()), 0
+            for entry in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                found += fields[1] == me and fields[0] in "ZX"
+            return found
+
+        def pytest_runtest_logfinish(nodeid):
+            SEEN.append(_exiting_children())
+
+        @pytest.hookimpl(trylast=True)  # after the plugin's, which closes the factory
+        def pytest_unconfigure(config):
+            SEEN.append(_exiting_children())
+            with open(os.path.join(str(config.rootpath), "seen.json"), "w") as out:
+                json.dump(SEEN, out)
+        """,
+    )
+    write(
+        user_project,
+        plain_user,
+        "test_ends.py",
+        """
+        import os, signal, subprocess, time
+        import pytest
+
+        pytestmark = pytest.mark.nsbox
+
+        def test_passes():
+            pass
+
+        def test_segfaults():
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+        def test_exits_3():
+            os._exit(3)
+
+        @pytest.mark.nsbox(timeout=0.5)
+        def test_times_out():
+            time.sleep(30)
+
+        def test_leaves_a_process():
+            subprocess.Popen(["sleep", "30"])
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_more(n):
+            pass
+        """,
+    )
+    code, output = run_pytest(user_project, plain_user)
+    assert code == 1, output
+    assert "3 failed, 8 passed" in output, output
+    assert "Crashed: the test process was killed by SIGSEGV (signal 11) during call" in output
+    assert "Crashed: the test process exited with status 3 during call" in output, output
+    assert "Timeout: sandbox killed after 0.5 s (1 process)" in output, output
+    assert "test_leaves_a_process: left running, killed: sleep (pid 3)" in output, output
+    seen = json.loads((user_project / "seen.json").read_text())
+    assert seen == [0] * 12, seen
 
 
 def test_rootless_limits_follow_unavailable_option(
