@@ -341,6 +341,8 @@ def _run_init(
                 protocol.send(channel_fd, "left_running", {"processes": left})
             if spec.list_writes:
                 protocol.send(channel_fd, "writes", writes.list_changes(scratch_fd, lower_fd))
+            if cgroup is not None:
+                _stay_until_released(channel)
         else:
             _kill_leftovers()
     except BaseException:
@@ -419,6 +421,18 @@ def _reap_until_finished(channel_fd: int, wakeup: int) -> bool:
                     return os.read(channel_fd, 1) == FINISHED
                 except ConnectionResetError:  # closed with "ready" unread: discarded
                     return False
+
+
+def _stay_until_released(channel: socket.socket) -> None:
+    """End the report (pytest reads it to its end), and exit only once pytest lets go.
+
+    pytest reads the test's cgroup counters after the report, and the
+    factory removes the cgroup as soon as init has exited.
+    """
+    with contextlib.suppress(OSError):
+        channel.shutdown(socket.SHUT_WR)
+        while channel.recv(4096):
+            pass
 
 
 def reap_exited(*, wait_for_all: bool = False) -> list[int]:

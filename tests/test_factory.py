@@ -277,6 +277,75 @@ def test_init_keeps_nothing_of_the_factory(tmp_path: Path) -> None:
     assert "/proc" not in held, held
 
 
+class _Noop:
+    """A test process that does nothing (see sandbox.TestProcess)."""
+
+    def prepare(self) -> None:
+        pass
+
+    def run(self) -> None:
+        pass
+
+
+@needs_cgroups
+def test_init_with_news_stays_until_pytest_read_the_counters(tmp_path: Path) -> None:
+    """Init that sent a report (here: the writes) exits only when pytest lets it go.
+
+    The factory removes the cgroup once init has exited, and pytest reads
+    the test's counters after init's report: init must not go first.
+    """
+    from pytest_nsbox import runner, sandbox
+    from pytest_nsbox.factory import SandboxFactory
+
+    spec = sandbox.build_spec(
+        rootdir=str(tmp_path),
+        cwd=str(tmp_path),
+        privileged=os.geteuid() == 0,
+        isolate_network=True,
+        hostname=None,
+        private_tmp=True,
+        tmp_size=16 << 20,
+        passthrough=(),
+        list_writes=True,
+    )
+    manager = cgroups.open_manager()
+    factory = SandboxFactory()
+    try:
+        prepared = factory.prepare(spec, manager.plan(cgroups.Limits(64 << 20))).wait()
+        assert prepared.setup_error is None, prepared.setup_error
+        assert prepared.cgroup is not None
+        try:
+            result = runner.run(prepared, lambda fd: _Noop(), factory=factory, timeout=30)
+            assert result.first("writes") is not None, result
+            assert prepared.alive(0.3), "init exited before pytest let it go"
+            assert prepared.cgroup.usage().memory_peak is not None
+        finally:
+            prepared.close()
+    finally:
+        factory.close()
+        manager.close()
+
+
+@needs_cgroups
+def test_a_cgroup_gone_after_a_timeout_leaves_the_kernels_rusage() -> None:
+    """A sandbox killed at its timeout may have lost its cgroup to the factory already.
+
+    Its usage then comes from rusage; a cgroup gone for any other reason is
+    an error, as before.
+    """
+    from pytest_nsbox.runner import SandboxRun
+    from pytest_nsbox.session import counted_usage
+
+    manager = cgroups.open_manager()
+    try:
+        gone = manager.plan(cgroups.Limits(64 << 20))  # planned, never made: reads say ENOENT
+        assert counted_usage(SandboxRun(timed_out=True), gone) is None
+        with pytest.raises(cgroups.CgroupError, match="ENOENT"):
+            counted_usage(SandboxRun(), gone)
+    finally:
+        manager.close()
+
+
 # -- 2. prepared-ahead sandboxes never carry another test's settings -------------
 
 # Indented as the inner modules' text around it (dedented as a whole).
