@@ -42,6 +42,23 @@ def _process_name() -> str:
         return "python"
 
 
+def counted_usage(run: SandboxRun, cgroup: cgroups.SandboxCgroup | None) -> cgroups.Usage | None:
+    """The cgroup's counters of a finished sandbox; None where there are none to read.
+
+    Init makes the cgroup, so a set-up that failed before never made it;
+    and the factory removes it once init has exited, which a sandbox
+    killed at its timeout may have done before pytest reads it.
+    """
+    if cgroup is None:
+        return None
+    try:
+        return cgroup.usage()
+    except cgroups.CgroupError as exc:
+        if exc.errno != errno.ENOENT or not (run.timed_out or run.first("setup_error")):
+            raise
+    return None
+
+
 class NsboxSession:
     """Per-session state; see the module docstring."""
 
@@ -174,14 +191,7 @@ class NsboxSession:
         return min(candidates) if candidates else None
 
     def usage_of(self, run: SandboxRun, cgroup: cgroups.SandboxCgroup | None) -> outcomes.Usage:
-        counted = None
-        if cgroup is not None:
-            try:
-                counted = cgroup.usage()
-            except cgroups.CgroupError as exc:
-                # Init makes the cgroup; a set-up that failed before never made it.
-                if exc.errno != errno.ENOENT or run.first("setup_error") is None:
-                    raise
+        counted = counted_usage(run, cgroup)
         if counted is None:
             # No cgroup: the kernel's rusage of the reaped sandbox still counts
             # CPU time; the peak is the largest single process's RSS.
