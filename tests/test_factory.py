@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import PlainUser, cgroup_session_dirs, run_as
 
-from pytest_nsbox import cgroups, kernel
+from pytest_nsbox import cgroups, kernel, sandbox
 
 try:
     cgroups.open_manager().close()
@@ -238,6 +238,23 @@ def test_no_factory_or_sandbox_descriptor_reaches_the_test_rootless(
     assert "rootless" in output, output
 
 
+def _spec_of(
+    root: Path, *, privileged: bool, isolate_network: bool, list_writes: bool
+) -> sandbox.SandboxSpec:
+    """A sandbox of the project ``root``, run from there: private /tmp, no hostname."""
+    return sandbox.build_spec(
+        rootdir=str(root),
+        cwd=str(root),
+        privileged=privileged,
+        isolate_network=isolate_network,
+        hostname=None,
+        private_tmp=True,
+        tmp_size=16 << 20,
+        passthrough=(),
+        list_writes=list_writes,
+    )
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="root's init is forked by the factory itself")
 def test_init_keeps_nothing_of_the_factory(tmp_path: Path) -> None:
     """Root's init, forked straight from the factory, holds one socket (its channel) and no home.
@@ -246,20 +263,10 @@ def test_init_keeps_nothing_of_the_factory(tmp_path: Path) -> None:
     started the factory) and the host's /proc stay in the factory. Init may
     still hold its own namespaces, which it has just sent.
     """
-    from pytest_nsbox import runner, sandbox
+    from pytest_nsbox import runner
     from pytest_nsbox.factory import SandboxFactory
 
-    spec = sandbox.build_spec(
-        rootdir=str(tmp_path),
-        cwd=str(tmp_path),
-        privileged=True,
-        isolate_network=False,
-        hostname=None,
-        private_tmp=True,
-        tmp_size=16 << 20,
-        passthrough=(),
-        list_writes=False,
-    )
+    spec = _spec_of(tmp_path, privileged=True, isolate_network=False, list_writes=False)
     factory = SandboxFactory()
     try:
         prepared = factory.prepare(spec, None).wait()
@@ -294,20 +301,10 @@ def test_init_with_news_stays_until_pytest_read_the_counters(tmp_path: Path) -> 
     The factory removes the cgroup once init has exited, and pytest reads
     the test's counters after init's report: init must not go first.
     """
-    from pytest_nsbox import runner, sandbox
+    from pytest_nsbox import runner
     from pytest_nsbox.factory import SandboxFactory
 
-    spec = sandbox.build_spec(
-        rootdir=str(tmp_path),
-        cwd=str(tmp_path),
-        privileged=os.geteuid() == 0,
-        isolate_network=True,
-        hostname=None,
-        private_tmp=True,
-        tmp_size=16 << 20,
-        passthrough=(),
-        list_writes=True,
-    )
+    spec = _spec_of(tmp_path, privileged=os.geteuid() == 0, isolate_network=True, list_writes=True)
     manager = cgroups.open_manager()
     factory = SandboxFactory()
     try:
