@@ -1,7 +1,10 @@
 """The Linux calls the sandbox is built from, each behind one small function.
 
-Python's ``os`` module lacks most of them before 3.12 (``unshare``, ``mount``,
-``sethostname``, ``capset``), so they go through libc with ctypes.
+Python's ``os`` module lacks most of them (``mount``, ``sethostname``,
+``capset``; ``unshare`` and ``setns`` before 3.12), so they go through libc
+with ctypes. Where ``os`` has one it is used: the test process joins its
+sandbox with ``setns`` between fork and test, where a ctypes call's first
+use copies pages of the ctypes machinery that ``os.setns`` never touches.
 Every wrapper raises :class:`SandboxSetupError`, which names the step, the
 path and the errno, so a failed set-up reads like bubblewrap's messages:
 ``mount overlay on /repo failed: EINVAL (Invalid argument)``.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import sys
 from typing import Any, NoReturn
 
 CLONE_NEWNS = 0x00020000
@@ -58,8 +62,6 @@ def _function(name: str, *argtypes: Any) -> Any:
     return function
 
 
-_unshare = _function("unshare", ctypes.c_int)
-_setns = _function("setns", ctypes.c_int, ctypes.c_int)
 _mount = _function(
     "mount", ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p
 )
@@ -106,10 +108,36 @@ def _b(value: str | None) -> bytes | None:
     return None if value is None else os.fsencode(value)
 
 
-def unshare(flags: int) -> None:
-    """unshare(2): enter new namespaces (the calling process only)."""
-    if _unshare(flags) < 0:
-        _fail(f"unshare({describe_clone_flags(flags)})")
+if sys.version_info >= (3, 12):
+
+    def unshare(flags: int) -> None:
+        """unshare(2): enter new namespaces (the calling process only)."""
+        try:
+            os.unshare(flags)
+        except OSError as exc:
+            step = f"unshare({describe_clone_flags(flags)})"
+            raise SandboxSetupError(step, exc.errno or errno.EIO) from None
+
+    def setns(fd: int, nstype: int, what: str) -> None:
+        """setns(2): join the namespace ``fd`` refers to (``what`` names it in the error)."""
+        try:
+            os.setns(fd, nstype)
+        except OSError as exc:
+            raise SandboxSetupError(f"setns({what})", exc.errno or errno.EIO) from None
+
+else:
+    _unshare = _function("unshare", ctypes.c_int)
+    _setns = _function("setns", ctypes.c_int, ctypes.c_int)
+
+    def unshare(flags: int) -> None:
+        """unshare(2): enter new namespaces (the calling process only)."""
+        if _unshare(flags) < 0:
+            _fail(f"unshare({describe_clone_flags(flags)})")
+
+    def setns(fd: int, nstype: int, what: str) -> None:
+        """setns(2): join the namespace ``fd`` refers to (``what`` names it in the error)."""
+        if _setns(fd, nstype) < 0:
+            _fail(f"setns({what})")
 
 
 def mount(
@@ -119,12 +147,6 @@ def mount(
     what = fstype or ("bind" if flags & MS_BIND else "propagation")
     if _mount(_b(source), _b(target), _b(fstype), flags, _b(data)) < 0:
         _fail(f"mount {what} on {target}")
-
-
-def setns(fd: int, nstype: int, what: str) -> None:
-    """setns(2): join the namespace ``fd`` refers to (``what`` names it in the error)."""
-    if _setns(fd, nstype) < 0:
-        _fail(f"setns({what})")
 
 
 def umount2(target: str, flags: int) -> None:
