@@ -469,9 +469,14 @@ def run_test_process(
     ``inherited`` are the parent's descriptors of the sandbox: closed before
     the test runs; ``signal_resets`` are the handlers the test gets back
     (see :func:`signals_to_reset`).
+
+    pytest's child needs no parent-death signal of its own: pytest's death
+    ends the factory (its parent-death signal), the factory's ends init
+    (init's own, or outer's first), and init's ends every process in its
+    pid namespace, the test among them. Root's child thus makes no ctypes
+    call on Python 3.12+, where ``setns`` is in ``os``.
     """
     try:
-        kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
         if cgroup is not None:
             cgroup.attach_self()
         if not spec.privileged:
