@@ -39,6 +39,7 @@ the parent as a ``setup_error`` frame naming the step.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # see signals_to_reset
 import contextlib
 import errno
 import gc
@@ -526,11 +527,15 @@ def signals_to_reset() -> tuple[tuple[int, Any], ...]:
     Asked in the parent before each fork (a conftest, a plugin or a test run
     inline may have changed them), so the child calls ``signal.signal`` only
     when needed: in the child, its first call costs about 0.2 ms of enum
-    conversions and copy-on-write faults.
+    conversions and copy-on-write faults. The parent asks ``_signal``, the C
+    module behind ``signal``, whose handlers are plain ints and callables:
+    ``signal.getsignal``'s conversion of 0 to ``Handlers.SIG_DFL`` touches
+    enough of the enum machinery to cost the parent about 30 page faults per
+    test after each fork.
     """
     wanted = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
     return tuple(
-        (signum, handler) for signum, handler in wanted if signal.getsignal(signum) != handler
+        (signum, handler) for signum, handler in wanted if _signal.getsignal(signum) != handler
     )
 
 
