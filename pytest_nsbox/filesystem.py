@@ -6,8 +6,8 @@ points at its step:
 1. make every mount private, so nothing below propagates to the host;
 2. open the host paths that stay writable (``writable=``, pytest's basetemp)
    before the overlay can hide them;
-3. a tmpfs, mounted for a moment and then detached, holds the overlay's
-   upper and work directories;
+3. a tmpfs holds the overlay's upper and work directories, on a directory
+   that step 5 mounts over (else it is detached again);
 4. overlayfs on the rootdir's own path: the repo as it is, every write
    landing in the upper layer and thrown away with the sandbox;
 5. a private, size-limited ``/tmp`` and ``/dev/shm``;
@@ -128,14 +128,19 @@ def scratch_mountpoint(plan: FilesystemPlan) -> str:
     )
 
 
-def mount_scratch_and_overlay(plan: FilesystemPlan) -> int:
+def mount_scratch_and_overlay(plan: FilesystemPlan, covered: tuple[str, ...]) -> int:
     """The overlay on the rootdir, its upper/work dirs in a tmpfs nobody can reach.
 
-    The tmpfs is mounted on a borrowed directory, the overlay mounted, and the
-    tmpfs detached again: the overlay keeps its own reference to its upper
-    layer. (Pointing the overlay at a tmpfs that was never attached, made with
-    fsmount, fails with EINVAL on kernels before 6.6.) Returns an fd of the
-    tmpfs root, for reading back what the test wrote.
+    The tmpfs is mounted on a borrowed directory and the overlay mounted.
+    On one of the ``covered`` directories (a later step mounts the private
+    ``/dev/shm`` or ``/tmp`` there) the tmpfs stays, beneath that mount,
+    which the lock namespace makes impossible to remove, as it does the
+    overlay that covers the repository. Elsewhere it is detached again (the
+    overlay keeps its own reference to its upper layer): a detach costs
+    init an expedited RCU grace period, about 0.3 ms, that interrupts every
+    CPU. (Pointing the overlay at a tmpfs that was never attached, made
+    with fsmount, fails with EINVAL on kernels before 6.6.) Returns an fd
+    of the tmpfs root, for reading back what the test wrote.
     """
     mountpoint = scratch_mountpoint(plan)
     kernel.mount(
@@ -154,7 +159,8 @@ def mount_scratch_and_overlay(plan: FilesystemPlan) -> int:
         + ("redirect_dir=on" if plan.privileged else "userxattr")
     )
     kernel.mount("overlay", plan.rootdir, "overlay", 0, options)
-    kernel.umount2(mountpoint, kernel.MNT_DETACH)
+    if mountpoint not in covered:
+        kernel.umount2(mountpoint, kernel.MNT_DETACH)
     return scratch_fd
 
 
@@ -165,7 +171,7 @@ def set_up(plan: FilesystemPlan) -> tuple[int, int]:
     repo as it is beneath the overlay, both as fds the test never inherits.
     """
     kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, None)
-    hidden_tops = ["/dev/shm", "/tmp"] if plan.private_tmp else ["/dev/shm"]
+    hidden_tops = ("/dev/shm", "/tmp") if plan.private_tmp else ("/dev/shm",)
     held = {path: open_path(path) for path in plan.passthrough}
     # Never a hidden top itself: a script run from /tmp puts "/tmp" on
     # sys.path, and binding that back would undo the private /tmp.
@@ -175,7 +181,7 @@ def set_up(plan: FilesystemPlan) -> tuple[int, int]:
         if any(_under(path, top) for top in hidden_tops) and not _under(path, plan.rootdir)
     }
     lower_fd = os.open(plan.rootdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    scratch_fd = mount_scratch_and_overlay(plan)
+    scratch_fd = mount_scratch_and_overlay(plan, hidden_tops)
     if any(_under(plan.rootdir, top) for top in hidden_tops):
         held[plan.rootdir] = open_path(plan.rootdir)
     if plan.private_tmp:

@@ -62,6 +62,15 @@ def test_escape_attempts_fail_and_change_nothing(pytester: pytest.Pytester) -> N
             assert fails(libc.umount2(b"/proc", 2))
             assert (ROOT / "data.txt").read_text() == "precious"
 
+        def test_cannot_uncover_the_overlays_scratch():
+            # The tmpfs holding the overlay's upper layer stays beneath the
+            # private /dev/shm: that mount cannot be removed either.
+            (ROOT / "written.txt").write_text("upper")
+            assert fails(libc.umount2(b"/dev/shm", 0))
+            assert fails(libc.umount2(b"/dev/shm", 2))
+            assert fails(libc.umount2(b"/tmp", 2))
+            assert not any(p.name == "upper" for p in Path("/dev/shm").iterdir())
+
         def test_cannot_clear_locked_mount_flags():
             # /proc was mounted nosuid,nodev by the sandbox: those flags are locked.
             assert fails(libc.mount(None, b"/proc", None, MS_REMOUNT | MS_BIND, None))
@@ -113,7 +122,7 @@ def test_escape_attempts_fail_and_change_nothing(pytester: pytest.Pytester) -> N
     before = snapshot(pytester.path)
     mounts_before = host_mounts()
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=8)
     assert snapshot(pytester.path) == before
     assert stat.S_IMODE(pytester.path.stat().st_mode) != 0
     assert host_mounts() == mounts_before
