@@ -50,8 +50,20 @@ def test_truncated_frame_is_a_protocol_error() -> None:
         reader.finish()
 
 
-def test_frame_with_valid_header_but_bad_json() -> None:
-    bad = b"NSBX" + (5).to_bytes(4, "big") + b"{oops"
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"{oops",
+        b' {"kind": "exit", "body": {}}',  # before the object
+        b'{"kind": "exit", "body": {}} ',  # after it
+        b'{"kind": "exit", "body": {}}{}',
+        b'{"kind": "exit", "body": {"status": "\xff"}}',  # not UTF-8
+        b'["exit", {}]',
+        b'{"kind": "exit", "body": 3}',
+    ],
+)
+def test_frame_with_valid_header_but_bad_json(payload: bytes) -> None:
+    bad = b"NSBX" + len(payload).to_bytes(4, "big") + payload
     with pytest.raises(protocol.ProtocolError, match="not valid"):
         protocol.FrameReader().feed(bad)
 
