@@ -138,6 +138,8 @@ class PreparedSandbox:
     init_pidfd: int | None = None
     setup_error: dict[str, Any] | None = None
     factory_pid: int | None = None  # the factory process that built it
+    # Init's pidfd, polled by alive(): made once, before the test is forked.
+    _init_watch: select.poll | None = field(default=None, init=False, repr=False, compare=False)
 
     def descriptors(self) -> tuple[int, ...]:
         """Every descriptor of this sandbox that the pytest process holds."""
@@ -155,9 +157,10 @@ class PreparedSandbox:
         """
         if self.init_pidfd is None:
             return False
-        poller = select.poll()
-        poller.register(self.init_pidfd, select.POLLIN)
-        return not poller.poll(int(wait * 1000))
+        if self._init_watch is None:
+            self._init_watch = select.poll()
+            self._init_watch.register(self.init_pidfd, select.POLLIN)
+        return not self._init_watch.poll(int(wait * 1000))
 
     def close(self) -> None:
         """Let init go: it ends when its channel closes. Closing twice is fine."""
@@ -167,6 +170,7 @@ class PreparedSandbox:
         if self.init_pidfd is not None:
             os.close(self.init_pidfd)
             self.init_pidfd = None
+            self._init_watch = None
         if self.channel is not None:
             self.channel.close()
 

@@ -262,7 +262,8 @@ def _collect(
 
     While the child lives the parent stays quiet: it sleeps on the child's
     pidfd and empties the pipe (made 1 MiB) only when the child exits or
-    every ``_DRAIN_SECONDS``, instead of waking for each report. Whatever
+    after ``_DRAIN_SECONDS`` without a wake-up, instead of waking for each
+    report. Whatever
     the parent writes while the child lives it pays for twice: the
     copy-on-write fault, and the page copied. Bytes are only buffered
     here, decoded after.
@@ -283,7 +284,7 @@ def _collect(
                 continue
             wait = remaining if wait is None else min(wait, remaining)
         ready = poller.poll(None if wait is None else max(1, int(wait * 1000)))
-        if child.pidfd in watched:
+        if not ready and child.pidfd in watched:  # the child lives: empty its pipe now and then
             _drain(child.pipe, child.buffers[child.pipe])
         for fd, _ in ready:
             if fd not in watched:  # dropped earlier in this round (init's channel, see below)

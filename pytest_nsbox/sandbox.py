@@ -555,12 +555,12 @@ def full_filesystems(spec: SandboxSpec, mounts: Mapping[str, int]) -> list[dict[
     upper layer) and the private ``/tmp``; fstatvfs works on them from any
     mount namespace.
     """
-    labels = {"scratch": f"{spec.filesystem.rootdir} (writes to the repo)", "tmp": "/tmp"}
     found = []
     for name, fd in sorted(mounts.items()):
         st = os.fstatvfs(fd)
         if st.f_bavail * st.f_frsize < _FULL_MARGIN:
-            found.append({"path": labels[name], "size": st.f_blocks * st.f_frsize})
+            path = "/tmp" if name == "tmp" else f"{spec.filesystem.rootdir} (writes to the repo)"
+            found.append({"path": path, "size": st.f_blocks * st.f_frsize})
     return found
 
 
