@@ -30,7 +30,6 @@ import pickle
 import select
 import signal
 import socket
-import subprocess
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -40,6 +39,10 @@ from pytest_nsbox import kernel, protocol, sandbox
 from pytest_nsbox.kernel import StepError
 
 if TYPE_CHECKING:
+    # Imported where pytest uses it, never at the top: subprocess imports
+    # threading, whose at-fork handler cost each fork the factory makes
+    # (init's) about 140 copy-on-write faults, a quarter of init's.
+    import subprocess
     from collections.abc import Callable
 
     from pytest_nsbox.cgroups import Limits, SandboxCgroup
@@ -315,6 +318,8 @@ class SandboxFactory:
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
         env = {k: v for k, v in os.environ.items() if k not in _COVERAGE_ENV}
+        import subprocess  # see the imports at the top
+
         try:
             self._process = subprocess.Popen(
                 self.command(theirs.fileno()),
@@ -361,6 +366,8 @@ class SandboxFactory:
             self._requests.close()
             self._requests = None
         if self._process is not None:
+            import subprocess  # see the imports at the top
+
             try:
                 self._process.wait(timeout=5)
             except subprocess.TimeoutExpired:

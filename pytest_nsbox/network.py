@@ -20,10 +20,13 @@ import errno
 import os
 import socket
 import struct
-import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from pytest_nsbox.kernel import SandboxSetupError
+
+if TYPE_CHECKING:
+    import subprocess  # imported in start() only: see factory's imports
 
 LOOPBACK_INDEX = 1  # the kernel gives lo index 1 in every new network namespace
 NLMSG_ERROR = 2
@@ -58,6 +61,8 @@ class LoopbackRequest:
     def start(self) -> None:
         """Start building it now (in parallel with whatever pytest does next)."""
         if self._helper is None and self._request is None:
+            import subprocess  # not in the factory process, which imports this module
+
             self._helper = subprocess.Popen(
                 _helper_command(),
                 stdin=subprocess.DEVNULL,

@@ -1442,6 +1442,29 @@ def test_a_session_that_sandboxes_nothing_keeps_no_factory(pytester: pytest.Pyte
     result.assert_outcomes(passed=1)
 
 
+def test_the_factory_interpreter_does_not_import_threading() -> None:
+    """threading's at-fork handler would run in every init the factory forks.
+
+    It cost init about 140 copy-on-write faults before its first line, a
+    quarter of all it takes. subprocess (which imports it) is imported only
+    where pytest uses it.
+    """
+    import subprocess
+
+    from pytest_nsbox.factory import SandboxFactory
+
+    interpreter = SandboxFactory().command(0)[:-2]  # without its -c code
+    package_parent = str(Path(sandbox.__file__).parent.parent)
+    code = (
+        f"import sys; sys.path.insert(0, {package_parent!r}); import pytest_nsbox.factory; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    done = subprocess.run([*interpreter, "-c", code], capture_output=True, text=True, check=True)
+    modules = set(done.stdout.split())
+    assert "pytest_nsbox.sandbox" in modules
+    assert not modules & {"threading", "subprocess"}
+
+
 def test_a_factory_that_does_not_end_is_killed_at_close() -> None:
     """close() waits 5 s for the factory to leave its loop, then kills it and returns."""
     from pytest_nsbox.factory import SandboxFactory
