@@ -60,6 +60,7 @@ _ENABLE_ATTEMPTS = 5
 _SESSION_NAME = re.compile(rf"{SESSION_PREFIX}(\d+)(?:-\d+)?")
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 _ATTACH_FLAGS = os.O_WRONLY | os.O_CLOEXEC
+_COUNTER_READ = 65536  # bytes per pread: a counter file's whole text
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,6 @@ def _read(path: str) -> str:
     except OSError as exc:
         raise CgroupError(f"read {path}", exc.errno or errno.EIO) from None
     return b"".join(chunks).decode()
-
-
-def _read_int(path: str) -> int:
-    return int(_read(path))
 
 
 def _keyed(text: str) -> dict[str, int]:
@@ -581,6 +578,7 @@ class SandboxCgroup(ABC):
         self._attach_file = attach_file
         self._attach_targets = tuple(os.fsencode(f"{path}/{attach_file}") for path in paths)
         self._kill_file = kill_file
+        self._counters: dict[str, int] = {}  # counter file -> the descriptor init opened
 
     def make(self) -> None:
         """mkdir the cgroup in every hierarchy and write its limits; undone if a step fails.
@@ -619,6 +617,59 @@ class SandboxCgroup(ABC):
                 raise CgroupError(
                     f"attach: write {self._attach_file}=0 to {where}", exc.errno or errno.EIO
                 ) from None
+
+    @abstractmethod
+    def counter_files(self) -> tuple[str, ...]:
+        """Every file that :meth:`task_count` and :meth:`usage` read."""
+
+    def open_counters(self) -> list[int]:
+        """In init, once the cgroup is made: a read-only descriptor of each counter file.
+
+        Sent to pytest, which reads the counters through them after the
+        test (:meth:`use_counters`). The first open of each file of a cgroup
+        just made costs its lookup (a dentry and an inode, about 20 us), which
+        is off the test's path in init and on it in pytest.
+        """
+        fds: list[int] = []
+        for path in self.counter_files():
+            try:
+                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                raise CgroupError(f"open {path}", exc.errno or errno.EIO) from None
+        return fds
+
+    def use_counters(self, fds: Sequence[int]) -> None:
+        """In pytest: read the counters through ``fds``, init's :meth:`open_counters`."""
+        self._counters = dict(zip(self.counter_files(), fds, strict=True))
+
+    def counter_descriptors(self) -> tuple[int, ...]:
+        return tuple(self._counters.values())
+
+    def close_counters(self) -> None:
+        """Close the descriptors of :meth:`use_counters`; twice is fine."""
+        counters, self._counters = self._counters, {}
+        for fd in counters.values():
+            os.close(fd)
+
+    def _read(self, path: str) -> str:
+        """A counter file: through init's descriptor if there is one, else by its path.
+
+        Once the cgroup is removed, a descriptor reads ENODEV (a path ENOENT).
+        """
+        fd = self._counters.get(path)
+        if fd is None:
+            return _read(path)
+        text = b""
+        try:
+            while chunk := os.pread(fd, _COUNTER_READ, len(text)):
+                text += chunk
+                if len(chunk) < _COUNTER_READ:
+                    break
+        except OSError as exc:
+            raise CgroupError(f"read {path}", exc.errno or errno.EIO) from None
+        return text.decode()
 
     @abstractmethod
     def task_count(self) -> int:
@@ -796,19 +847,26 @@ class _SandboxV2(SandboxCgroup):
         super().__init__(limits, (path,), settings, kill_file)
         self._files = files
 
+    def counter_files(self) -> tuple[str, ...]:
+        (path,) = self.paths
+        optional = {"memory.peak": self._files.memory_peak, "pids.peak": self._files.pids_peak}
+        names = ["pids.current", "memory.events", "cpu.stat", "pids.events"]
+        names += [name for name, present in optional.items() if present]
+        return tuple(f"{path}/{name}" for name in names)
+
     def task_count(self) -> int:
         (path,) = self.paths
-        return _read_int(f"{path}/pids.current")
+        return int(self._read(f"{path}/pids.current"))
 
     def usage(self) -> Usage:
         (path,) = self.paths
-        memory = _keyed(_read(f"{path}/memory.events"))
-        cpu = _keyed(_read(f"{path}/cpu.stat"))
-        pids = _keyed(_read(f"{path}/pids.events"))
+        memory = _keyed(self._read(f"{path}/memory.events"))
+        cpu = _keyed(self._read(f"{path}/cpu.stat"))
+        pids = _keyed(self._read(f"{path}/pids.events"))
         usage_usec = cpu.get("usage_usec")
         throttled_usec = cpu.get("throttled_usec")
         return Usage(
-            memory_peak=_read_int(f"{path}/memory.peak") if self._files.memory_peak else None,
+            memory_peak=int(self._read(f"{path}/memory.peak")) if self._files.memory_peak else None,
             cpu_seconds=None if usage_usec is None else usage_usec / 1e6,
             nr_periods=cpu.get("nr_periods"),
             nr_throttled=cpu.get("nr_throttled"),
@@ -816,7 +874,7 @@ class _SandboxV2(SandboxCgroup):
             oom_kills=memory.get("oom_kill", 0),
             memory_max_hits=memory.get("max", 0),
             pids_max_hits=pids.get("max", 0),
-            pids_peak=_read_int(f"{path}/pids.peak") if self._files.pids_peak else None,
+            pids_peak=int(self._read(f"{path}/pids.peak")) if self._files.pids_peak else None,
         )
 
 
@@ -906,27 +964,48 @@ class _SandboxV1(SandboxCgroup):
         super().__init__(limits, paths, settings, None, attach_file="tasks")
         self._layout = layout
 
+    def counter_files(self) -> tuple[str, ...]:
+        layout = self._layout
+        memory, cpu, pids = (self.paths[i] for i in (layout.memory, layout.cpu, layout.pids))
+        files = [
+            f"{pids}/pids.current",
+            f"{memory}/memory.oom_control",
+            f"{cpu}/cpu.stat",
+            f"{pids}/pids.events",
+            f"{memory}/memory.max_usage_in_bytes",
+            f"{memory}/memory.failcnt",
+        ]
+        if layout.cpuacct is not None:
+            files.append(f"{self.paths[layout.cpuacct]}/cpuacct.usage")
+        if layout.memsw:
+            files.append(f"{memory}/memory.memsw.failcnt")
+        if layout.pids_peak:
+            files.append(f"{pids}/pids.peak")
+        return tuple(files)
+
     def task_count(self) -> int:
-        return _read_int(f"{self.paths[self._layout.pids]}/pids.current")
+        return int(self._read(f"{self.paths[self._layout.pids]}/pids.current"))
 
     def usage(self) -> Usage:
         layout = self._layout
         memory, cpu, pids = (self.paths[i] for i in (layout.memory, layout.cpu, layout.pids))
-        oom = _keyed(_read(f"{memory}/memory.oom_control"))
-        stat = _keyed(_read(f"{cpu}/cpu.stat"))
-        events = _keyed(_read(f"{pids}/pids.events"))
+        oom = _keyed(self._read(f"{memory}/memory.oom_control"))
+        stat = _keyed(self._read(f"{cpu}/cpu.stat"))
+        events = _keyed(self._read(f"{pids}/pids.events"))
         throttled_ns = stat.get("throttled_time")
         cpuacct = None if layout.cpuacct is None else self.paths[layout.cpuacct]
         return Usage(
-            memory_peak=_read_int(f"{memory}/memory.max_usage_in_bytes"),
-            cpu_seconds=None if cpuacct is None else _read_int(f"{cpuacct}/cpuacct.usage") / 1e9,
+            memory_peak=int(self._read(f"{memory}/memory.max_usage_in_bytes")),
+            cpu_seconds=None
+            if cpuacct is None
+            else int(self._read(f"{cpuacct}/cpuacct.usage")) / 1e9,
             nr_periods=stat.get("nr_periods"),
             nr_throttled=stat.get("nr_throttled"),
             throttled_seconds=None if throttled_ns is None else throttled_ns / 1e9,
             oom_kills=oom.get("oom_kill", 0),
             memory_max_hits=self._memory_max_hits(memory),
             pids_max_hits=events.get("max", 0),
-            pids_peak=_read_int(f"{pids}/pids.peak") if layout.pids_peak else None,
+            pids_peak=int(self._read(f"{pids}/pids.peak")) if layout.pids_peak else None,
         )
 
     def _memory_max_hits(self, memory: str) -> int:
@@ -936,7 +1015,7 @@ class _SandboxV1(SandboxCgroup):
         recent kernels (6.18, for one) keep no failcnt for it, so there hits go
         uncounted and only the OOM kill tells.
         """
-        hits = _read_int(f"{memory}/memory.failcnt")
+        hits = int(self._read(f"{memory}/memory.failcnt"))
         if self._layout.memsw:
-            hits += _read_int(f"{memory}/memory.memsw.failcnt")
+            hits += int(self._read(f"{memory}/memory.memsw.failcnt"))
         return hits

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from pytest_nsbox.cgroups import Limits, SandboxCgroup
 
 _MAX_REQUEST = 1 << 20
+_MAX_READY_FDS = 64  # init's namespaces, mounts, cgroup counter files and pidfd: about 20
 # Variables that would have coverage measure the factory itself (it is not the tests' code).
 _COVERAGE_ENV = (
     "COVERAGE_PROCESS_START",
@@ -147,6 +148,8 @@ class PreparedSandbox:
     def descriptors(self) -> tuple[int, ...]:
         """Every descriptor of this sandbox that the pytest process holds."""
         own = [*self.namespaces.values(), *self.mounts.values()]
+        if self.cgroup is not None:
+            own.extend(self.cgroup.counter_descriptors())
         if self.channel is not None:
             own.append(self.channel.fileno())
         if self.init_pidfd is not None:
@@ -170,6 +173,8 @@ class PreparedSandbox:
         for fd in (*self.namespaces.values(), *self.mounts.values()):
             os.close(fd)
         self.namespaces, self.mounts = {}, {}
+        if self.cgroup is not None:
+            self.cgroup.close_counters()
         if self.init_pidfd is not None:
             os.close(self.init_pidfd)
             self.init_pidfd = None
@@ -201,7 +206,7 @@ class PendingSandbox:
         try:
             while not frames:
                 data, fds, _, _ = socket.recv_fds(
-                    self.channel, 1 << 16, 16, socket.MSG_CMSG_CLOEXEC
+                    self.channel, 1 << 16, _MAX_READY_FDS, socket.MSG_CMSG_CLOEXEC
                 )
                 received.extend(fds)
                 if not data:
@@ -213,10 +218,14 @@ class PendingSandbox:
         if frame.kind != "ready":
             return self._failed(frame.body, received)
         names = [*frame.body["namespaces"], *frame.body["mounts"]]
-        if len(received) != len(names) + 1:
-            message = f"init sent {len(received)} descriptors for {len(names) + 1}"
+        counters = received[len(names) : -1]
+        wanted = 0 if self.cgroup is None else len(self.cgroup.counter_files())
+        if len(received) != len(names) + wanted + 1 or frame.body["counters"] != wanted:
+            message = f"init sent {len(received)} descriptors for {len(names) + wanted + 1}"
             return self._failed({"step": "prepare the sandbox", "message": message}, received)
         by_name = dict(zip(names, received, strict=False))
+        if self.cgroup is not None:
+            self.cgroup.use_counters(counters)
         return PreparedSandbox(
             self.spec,
             self.cgroup,

@@ -303,11 +303,13 @@ def _run_init(
             kernel.sethostname(spec.hostname)
         if spec.loopback_request is not None:
             network.bring_loopback_up(spec.loopback_request)
+        counters: list[int] = []
         if cgroup is not None:
             # Made here, off the pytest process's path; joined only now: a
             # cpu limit must not slow the set-up down.
             cgroup.make()
             cgroup.attach_self()
+            counters = cgroup.open_counters()
         kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at the test's cgroup
         namespaces = {name: _open_namespace(f"/proc/self/ns/{name}") for name in _own(spec)}
         if not spec.privileged:
@@ -325,8 +327,9 @@ def _run_init(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         wakeup = _wake_on_sigchld()
         names, mount_names = sorted(namespaces), sorted(mounts)
-        fds = [namespaces[n] for n in names] + [mounts[n] for n in mount_names] + [pidfd]
-        body = {"namespaces": names, "mounts": mount_names}
+        fds = [namespaces[n] for n in names] + [mounts[n] for n in mount_names]
+        fds += [*counters, pidfd]
+        body = {"namespaces": names, "mounts": mount_names, "counters": len(counters)}
         channel = socket.socket(fileno=channel_fd)  # kept: collecting it would close the fd
         socket.send_fds(channel, [protocol.encode("ready", body)], fds)
         for fd in fds:

@@ -47,14 +47,16 @@ def counted_usage(run: SandboxRun, cgroup: cgroups.SandboxCgroup | None) -> cgro
 
     Init makes the cgroup, so a set-up that failed before never made it;
     and the factory removes it once init has exited, which a sandbox
-    killed at its timeout may have done before pytest reads it.
+    killed at its timeout may have done before pytest reads it (its
+    counter files then read ENODEV through init's descriptors).
     """
     if cgroup is None:
         return None
     try:
         return cgroup.usage()
     except cgroups.CgroupError as exc:
-        if exc.errno != errno.ENOENT or not (run.timed_out or run.first("setup_error")):
+        gone = exc.errno in (errno.ENOENT, errno.ENODEV)
+        if not gone or not (run.timed_out or run.first("setup_error")):
             raise
     return None
 

@@ -316,6 +316,41 @@ def test_pids_limit_refuses_forks(sandboxes: Sandboxes) -> None:
     assert proc.wait(timeout=30) == -signal.SIGKILL
 
 
+def test_counters_read_the_same_through_inits_descriptors(
+    sandboxes: Sandboxes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Init opens the counter files; pytest reads them through those fds, no path opened."""
+    cgroup = sandboxes.create(Limits(memory=64 * MiB, cpu=0.5, pids=16))
+    proc = start(cgroup, FORK_64, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert int(proc.stdout.readline()) > 0  # forks refused: pids.events counts them
+    cgroup.kill()
+    proc.wait(timeout=30)
+    by_path = cgroup.usage(), cgroup.task_count()
+    cgroup.use_counters(cgroup.open_counters())
+    descriptors = cgroup.counter_descriptors()
+    assert len(descriptors) == len(cgroup.counter_files()) >= 6
+    try:
+
+        def no_path(path: str) -> str:
+            raise AssertionError(f"opened {path} by its path")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(cgroups, "_read", no_path)
+            assert (cgroup.usage(), cgroup.task_count()) == by_path
+        assert by_path[0].pids_max_hits > 0
+        reap_exited()  # the killed forks, adopted here: then the cgroup can go
+        cgroup.remove()
+        with pytest.raises(cgroups.CgroupError, match="ENODEV"):
+            cgroup.usage()
+    finally:
+        cgroup.close_counters()
+    assert cgroup.counter_descriptors() == ()
+    for fd in descriptors:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
 def test_kill_takes_the_whole_process_tree(sandboxes: Sandboxes) -> None:
     cgroup = sandboxes.create(Limits())
     proc = start(cgroup, PROCESS_TREE)

@@ -43,10 +43,12 @@ DESCRIPTOR_CHECK = r'''
 import os, re
 
 _NAMESPACE = re.compile(r"^(pid|pid_for_children|mnt|net|uts|ipc|cgroup|user|time|time_for_children):\[\d+\]$")
+# A cgroup's control file, as the sandbox's cgroup namespace shows its path.
+_CGROUP_FILE = re.compile(r"/((cgroup|pids|memory|cpu|cpuacct)\.[a-z_.]+|tasks)$")
 
 
 def foreign_descriptors():
-    """Every open fd that is a socket, a pidfd or a namespace, with what it refers to."""
+    """Every open fd that is a socket, a pidfd, a namespace or a cgroup file, with its target."""
     found = {}
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -60,6 +62,7 @@ def foreign_descriptors():
             is_pidfd = False
         if (
             target.startswith("socket:")
+            or _CGROUP_FILE.search(target)
             or target in ("anon_inode:[pidfd]", "anon_inode:pidfd")
             or target.startswith("pidfd:")
             or is_pidfd
