@@ -42,14 +42,16 @@ Levels (each includes the ones before it, as the benchmark's rows do):
             reap, fstatvfs of the two mounts; then "finished" to init, which lists its /proc
             and exits (its channel's EOF; then init's pidfd, a plain user's outer's exit).
 ``overlay`` init's mounts are filesystem.set_up's: scratch tmpfs on /dev/shm, the overlay on
-            the rootdir, the scratch detached, tmpfs on /tmp and /dev/shm, the ``--bind``
+            the rootdir, tmpfs on /tmp and /dev/shm (over the scratch), the ``--bind``
             dir (and a rootdir below /tmp or /dev/shm) bound back, /proc.
 ``lo``      init also brings lo up: one RTM_NEWLINK on a netlink socket, ack checked.
 ``full``    init also sets the hostname, makes the cgroup (mkdir in every hierarchy, the
             memory=256m, cpu=1, pids=64 writes) and joins it (``tasks`` on v1,
-            ``cgroup.procs`` on v2) before it unshares cgroup; the test process joins it
-            first thing; after the reap this process counts the cgroup's tasks
-            (pids.current) instead of telling init (1: init only), closes the channel,
+            ``cgroup.procs`` on v2) before it unshares cgroup, and opens the counter files
+            the plugin reads (pids.current, the OOM, CPU and pids counters, the peaks) to
+            send them with the rest; the test process joins it first thing; after the reap
+            this process reads every counter through those descriptors, counts the cgroup's
+            tasks (pids.current) instead of telling init (1: init only), closes the channel,
             waits on init's pidfd for its exit and rmdirs the cgroup (the plugin's factory
             removes it when it reaps init, at its next request).
 
@@ -105,7 +107,20 @@ JOIN_ORDER = (
     ("mnt", CLONE_NEWNS),
 )
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
-MNT_DETACH = 0x2
+# The files the plugin reads after a test, of cgroup v1 and v2 (those of this machine exist).
+COUNTER_FILES = (
+    "pids.current",
+    "memory.events",
+    "memory.oom_control",
+    "cpu.stat",
+    "pids.events",
+    "memory.peak",
+    "memory.max_usage_in_bytes",
+    "memory.failcnt",
+    "memory.memsw.failcnt",
+    "cpuacct.usage",
+    "pids.peak",
+)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 SIGKILL = 9
@@ -203,7 +218,7 @@ def wait_status(pid: int) -> int:
 
 
 def scratch_and_overlay(rootdir: str, privileged: bool) -> int:
-    """As pytest_nsbox.filesystem does: tmpfs on a borrowed dir, overlay, tmpfs detached."""
+    """As pytest_nsbox.filesystem does: tmpfs on /dev/shm, the overlay; /dev/shm's covers it."""
     borrowed = "/dev/shm"
     mount("nsbox-scratch", borrowed, "tmpfs", MS_NOSUID | MS_NODEV, f"size={TMP_SIZE},mode=0700")
     scratch = os.open(borrowed, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -212,7 +227,6 @@ def scratch_and_overlay(rootdir: str, privileged: bool) -> int:
     extra = "redirect_dir=on" if privileged else "userxattr"
     options = f"lowerdir={rootdir},upperdir={borrowed}/upper,workdir={borrowed}/work,{extra}"
     mount("overlay", rootdir, "overlay", 0, options)
-    check(libc.umount2(borrowed.encode(), MNT_DETACH), "umount2")
     return scratch
 
 
@@ -311,6 +325,11 @@ def run_init(
         for index, file, value in args.limits:
             write(f"{paths[index]}/{file}", value)
         attach(attach_targets(args, paths))
+        counters = [
+            os.open(f"{paths[i]}/{name}", os.O_RDONLY | os.O_CLOEXEC) for i, name in args.counters
+        ]
+    else:
+        counters = []
     unshare(CLONE_NEWCGROUP, "cgroup")
     names = ["pid", "uts", "ipc", "cgroup", "net"]
     namespaces = {n: os.open(f"/proc/self/ns/{n}", os.O_RDONLY | os.O_CLOEXEC) for n in names}
@@ -325,7 +344,7 @@ def run_init(
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     ordered = sorted(namespaces)
-    fds = [namespaces[n] for n in ordered] + mounts + [pidfd]
+    fds = [namespaces[n] for n in ordered] + mounts + counters + [pidfd]
     channel = socket.socket(fileno=channel_fd)
     # Outer's pid (0: none, as root) rides along for this floor only: it waits for outer's exit.
     socket.send_fds(channel, [f"{outer_pid} {' '.join(ordered)}".encode()], fds)
@@ -566,13 +585,17 @@ def one_sandbox(
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     socket.send_fds(requests, [f"{level} {number}".encode()], [theirs.fileno()])
     theirs.close()
-    data, fds, _, _ = socket.recv_fds(ours, 4096, 16)
+    data, fds, _, _ = socket.recv_fds(ours, 4096, 64)
     if not data:
         ours.close()
         raise RuntimeError(f"level {LEVELS[level]}: init ended before it was ready (see stderr)")
     outer, *names = data.decode().split()
     namespaces = dict(zip(names, fds, strict=False))
-    mounts, init_pidfd = fds[len(names) : -1], fds[-1]
+    mounts, counters, init_pidfd = (
+        fds[len(names) : len(names) + 2],
+        fds[len(names) + 2 : -1],
+        fds[-1],
+    )
     paths = cgroup_paths(args, number) if level >= FULL else []
     targets = attach_targets(args, paths) if paths else []
     ready = time.perf_counter()
@@ -611,9 +634,11 @@ def one_sandbox(
     outer_pidfd = os.pidfd_open(int(outer)) if outer != "0" else None
     if level >= FULL:
         # What the engine asks instead of telling init: is anyone but init still there?
-        with open(f"{paths[args.count_index]}/{args.count_file}") as counted:
-            text = counted.read()
-        if (int(text) if args.count_file == "pids.current" else len(text.split())) != 1:
+        # (pids.current is the first counter; then the usage counters, as the plugin reads.)
+        text = os.pread(counters[0], 4096, 0).decode()
+        for fd in counters[1:]:
+            os.pread(fd, 65536, 0)
+        if int(text) != 1:
             raise RuntimeError(f"{paths[args.count_index]} holds more than init")
         for fd in fds[:-1]:
             os.close(fd)
@@ -702,10 +727,18 @@ def main() -> None:
         "tasks" if os.path.exists(f"{session}/tasks") else "cgroup.procs"
         for session in args.cgroup_session
     ]
-    # The engine counts the tasks left with pids.current (pids hierarchy, or cgroup2's one).
-    counting = [i for i, d in enumerate(args.cgroup_session) if os.path.exists(f"{d}/pids.current")]
-    args.count_index = counting[0] if counting else 0
-    args.count_file = "pids.current" if counting else "cgroup.procs"
+    # The counter files the plugin's init opens (pytest_nsbox.cgroups' counter_files), by
+    # hierarchy: pids.current first, which counts the tasks left (the pids hierarchy, or
+    # cgroup2's one).
+    args.counters = [
+        (index, name)
+        for name in COUNTER_FILES
+        for index, session in enumerate(args.cgroup_session)
+        if os.path.exists(f"{session}/{name}")
+    ]
+    if FULL in levels and (not args.counters or args.counters[0][1] != "pids.current"):
+        raise SystemExit("level full needs a pids controller (pids.current)")
+    args.count_index = args.counters[0][0] if args.counters else 0
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     requests, factory_pid = start_factory(args)  # before the ballast: the factory stays small
     try:

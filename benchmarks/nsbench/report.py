@@ -172,9 +172,10 @@ def _floor(report: dict[str, Any]) -> list[str]:
         "forks the test into init's pid namespace (root: setns of pid-for-children around the "
         "fork; a plain user: through a first child in outer's user namespace), the test joins "
         "net/uts/ipc/cgroup/user/mnt with setns, answers on a pipe and is reaped (pidfd poll); "
-        "init is told and exits; overlay = + init's scratch tmpfs, overlay, scratch detached, "
-        "/tmp, /dev/shm, bind; lo = + RTM_NEWLINK; full = + sethostname, init's cgroup "
-        "mkdir/limits/attach in every hierarchy, the test's attach, a count of the cgroup's "
+        "init is told and exits; overlay = + init's scratch tmpfs, overlay, /tmp, /dev/shm "
+        "(over the scratch), bind; lo = + RTM_NEWLINK; full = + sethostname, init's cgroup "
+        "mkdir/limits/attach in every hierarchy and its counter files opened and sent, the "
+        "test's attach, every counter read through those descriptors, a count of the cgroup's "
         "tasks (pids.current) instead of telling init, the rmdir after init's exit",
         "  ",
     )
