@@ -619,8 +619,16 @@ class SandboxCgroup(ABC):
                 ) from None
 
     @abstractmethod
+    def _tasks_file(self) -> str:
+        """The file :meth:`task_count` reads (pids.current)."""
+
+    @abstractmethod
+    def _usage_files(self) -> tuple[str, ...]:
+        """The files :meth:`usage` reads, only those this kernel has; their names are distinct."""
+
     def counter_files(self) -> tuple[str, ...]:
         """Every file that :meth:`task_count` and :meth:`usage` read."""
+        return (self._tasks_file(), *self._usage_files())
 
     def open_counters(self) -> list[int]:
         """In init, once the cgroup is made: a read-only descriptor of each counter file.
@@ -671,9 +679,13 @@ class SandboxCgroup(ABC):
             raise CgroupError(f"read {path}", exc.errno or errno.EIO) from None
         return text.decode()
 
-    @abstractmethod
+    def _usage_texts(self) -> dict[str, str]:
+        """Each file of :meth:`_usage_files`, by its name."""
+        return {os.path.basename(path): self._read(path) for path in self._usage_files()}
+
     def task_count(self) -> int:
         """How many tasks the cgroup and the cgroups a test made below it hold (pids.current)."""
+        return int(self._read(self._tasks_file()))
 
     @abstractmethod
     def usage(self) -> Usage:
@@ -847,26 +859,25 @@ class _SandboxV2(SandboxCgroup):
         super().__init__(limits, (path,), settings, kill_file)
         self._files = files
 
-    def counter_files(self) -> tuple[str, ...]:
+    def _tasks_file(self) -> str:
+        return f"{self.paths[0]}/pids.current"
+
+    def _usage_files(self) -> tuple[str, ...]:
         (path,) = self.paths
         optional = {"memory.peak": self._files.memory_peak, "pids.peak": self._files.pids_peak}
-        names = ["pids.current", "memory.events", "cpu.stat", "pids.events"]
+        names = ["memory.events", "cpu.stat", "pids.events"]
         names += [name for name, present in optional.items() if present]
         return tuple(f"{path}/{name}" for name in names)
 
-    def task_count(self) -> int:
-        (path,) = self.paths
-        return int(self._read(f"{path}/pids.current"))
-
     def usage(self) -> Usage:
-        (path,) = self.paths
-        memory = _keyed(self._read(f"{path}/memory.events"))
-        cpu = _keyed(self._read(f"{path}/cpu.stat"))
-        pids = _keyed(self._read(f"{path}/pids.events"))
+        text = self._usage_texts()
+        memory = _keyed(text["memory.events"])
+        cpu = _keyed(text["cpu.stat"])
+        pids = _keyed(text["pids.events"])
         usage_usec = cpu.get("usage_usec")
         throttled_usec = cpu.get("throttled_usec")
         return Usage(
-            memory_peak=int(self._read(f"{path}/memory.peak")) if self._files.memory_peak else None,
+            memory_peak=int(text["memory.peak"]) if "memory.peak" in text else None,
             cpu_seconds=None if usage_usec is None else usage_usec / 1e6,
             nr_periods=cpu.get("nr_periods"),
             nr_throttled=cpu.get("nr_throttled"),
@@ -874,7 +885,7 @@ class _SandboxV2(SandboxCgroup):
             oom_kills=memory.get("oom_kill", 0),
             memory_max_hits=memory.get("max", 0),
             pids_max_hits=pids.get("max", 0),
-            pids_peak=int(self._read(f"{path}/pids.peak")) if self._files.pids_peak else None,
+            pids_peak=int(text["pids.peak"]) if "pids.peak" in text else None,
         )
 
 
@@ -964,11 +975,13 @@ class _SandboxV1(SandboxCgroup):
         super().__init__(limits, paths, settings, None, attach_file="tasks")
         self._layout = layout
 
-    def counter_files(self) -> tuple[str, ...]:
+    def _tasks_file(self) -> str:
+        return f"{self.paths[self._layout.pids]}/pids.current"
+
+    def _usage_files(self) -> tuple[str, ...]:
         layout = self._layout
         memory, cpu, pids = (self.paths[i] for i in (layout.memory, layout.cpu, layout.pids))
         files = [
-            f"{pids}/pids.current",
             f"{memory}/memory.oom_control",
             f"{cpu}/cpu.stat",
             f"{pids}/pids.events",
@@ -983,39 +996,31 @@ class _SandboxV1(SandboxCgroup):
             files.append(f"{pids}/pids.peak")
         return tuple(files)
 
-    def task_count(self) -> int:
-        return int(self._read(f"{self.paths[self._layout.pids]}/pids.current"))
-
     def usage(self) -> Usage:
-        layout = self._layout
-        memory, cpu, pids = (self.paths[i] for i in (layout.memory, layout.cpu, layout.pids))
-        oom = _keyed(self._read(f"{memory}/memory.oom_control"))
-        stat = _keyed(self._read(f"{cpu}/cpu.stat"))
-        events = _keyed(self._read(f"{pids}/pids.events"))
+        text = self._usage_texts()
+        oom = _keyed(text["memory.oom_control"])
+        stat = _keyed(text["cpu.stat"])
+        events = _keyed(text["pids.events"])
         throttled_ns = stat.get("throttled_time")
-        cpuacct = None if layout.cpuacct is None else self.paths[layout.cpuacct]
+        cpuacct_ns = int(text["cpuacct.usage"]) if "cpuacct.usage" in text else None
         return Usage(
-            memory_peak=int(self._read(f"{memory}/memory.max_usage_in_bytes")),
-            cpu_seconds=None
-            if cpuacct is None
-            else int(self._read(f"{cpuacct}/cpuacct.usage")) / 1e9,
+            memory_peak=int(text["memory.max_usage_in_bytes"]),
+            cpu_seconds=None if cpuacct_ns is None else cpuacct_ns / 1e9,
             nr_periods=stat.get("nr_periods"),
             nr_throttled=stat.get("nr_throttled"),
             throttled_seconds=None if throttled_ns is None else throttled_ns / 1e9,
             oom_kills=oom.get("oom_kill", 0),
-            memory_max_hits=self._memory_max_hits(memory),
+            memory_max_hits=_memory_max_hits(text),
             pids_max_hits=events.get("max", 0),
-            pids_peak=int(self._read(f"{pids}/pids.peak")) if layout.pids_peak else None,
+            pids_peak=int(text["pids.peak"]) if "pids.peak" in text else None,
         )
 
-    def _memory_max_hits(self, memory: str) -> int:
-        """Failed charges, each counted once by the counter that refused it.
 
-        With memsw at the memory limit the memory+swap counter refuses first;
-        recent kernels (6.18, for one) keep no failcnt for it, so there hits go
-        uncounted and only the OOM kill tells.
-        """
-        hits = int(self._read(f"{memory}/memory.failcnt"))
-        if self._layout.memsw:
-            hits += int(self._read(f"{memory}/memory.memsw.failcnt"))
-        return hits
+def _memory_max_hits(text: dict[str, str]) -> int:
+    """cgroup v1's failed charges, each counted once by the counter that refused it.
+
+    With memsw at the memory limit the memory+swap counter refuses first;
+    recent kernels (6.18, for one) keep no failcnt for it, so there hits go
+    uncounted and only the OOM kill tells.
+    """
+    return int(text["memory.failcnt"]) + int(text.get("memory.memsw.failcnt", "0"))
