@@ -22,7 +22,9 @@ Sections, all measured in one run and compared only within it:
 
 Sessions of section 1 (with the raw floor and section 5) run in rounds, in a
 new random order each round; a row's overhead per test in a round is
-``(wall - wall of the inline row of the same round) / N``. Figures are the
+``(wall - wall of the inline row of the same round) / N``, and its CPU per
+test is the whole machine's busy time (``/proc/stat``, every core, kernel
+threads included) over the inline row's, per test. Figures are the
 median over rounds with the p10-p90 band. Progress goes to stderr, the
 report to stdout, and ``--json`` saves every figure.
 """
@@ -200,7 +202,12 @@ def _one_session(
 
 
 def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]]:
-    """Per row: wall time, overhead per test (paired by round), per-test interval."""
+    """Per row: wall time, overhead per test and busy CPU per test (paired by round), interval.
+
+    The busy CPU is the whole machine's, every core's, over the inline
+    session's of the same round: what a sandboxed test costs the machine,
+    in whichever process or kernel thread it was spent.
+    """
     table: dict[str, dict[str, Any]] = {}
     for key, entry in runs.items():
         row = entry.row
@@ -214,15 +221,18 @@ def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]
         figures["uids"] = sorted({r.uid for r in entry.results.values()})
         pooled = [i for r in entry.results.values() for i in intervals(r.stamps)]
         figures["interval_ms"] = summarize(pooled).scaled(1000).as_dict()
+        figures["cores_busy"] = summarize(
+            [r.busy_cpu / r.wall for r in entry.results.values()]
+        ).as_dict()
         base = runs.get(row.baseline)
         if base is not None and key != row.baseline:
-            paired = [
-                (entry.results[k].wall - base.results[k].wall) / n * 1000
-                for k in entry.results
-                if k in base.results
-            ]
-            if paired:
-                figures["overhead_ms"] = summarize(paired).as_dict()
+            rounds = [k for k in entry.results if k in base.results]
+            if rounds:
+                pairs = [(entry.results[k], base.results[k]) for k in rounds]
+                overheads = [(r.wall - b.wall) / n * 1000 for r, b in pairs]
+                cpu = [(r.busy_cpu - b.busy_cpu) / n * 1000 for r, b in pairs]
+                figures["overhead_ms"] = summarize(overheads).as_dict()
+                figures["cpu_ms"] = summarize(cpu).as_dict()
     return table
 
 

@@ -59,8 +59,11 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
         assert overhead[key].get("problem") is None, overhead[key]
         assert overhead[key]["wall_s"]["median"] > 0
         assert overhead[key]["uids"] == [plain_user.uid if key.endswith("_user") else 0]
+        # The whole machine's busy time over the session's wall time: some, at most every core.
+        assert 0 < overhead[key]["cores_busy"]["median"] <= (os.cpu_count() or 1), overhead[key]
     # With 6 tests the sign of an overhead is noise; that it was computed is the point.
     assert isinstance(overhead["full"]["overhead_ms"]["median"], float)
+    assert isinstance(overhead["full"]["cpu_ms"]["median"], float)
     assert set(figures["floor"]["levels_ms"]) >= {"fork", "ns", "overlay", "lo"}
     for level in ("ns", "overlay", "lo"):
         assert set(figures["floor"]["phases_ms"][level]) == {"build", "test", "teardown"}
@@ -84,6 +87,7 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
         assert f"{target['status']:4}  {target['target']}" in report
     full = overhead["full"]["overhead_ms"]["median"]
     assert f"{full:.2f}" in report
+    assert "CPU ms/test" in report and "cores busy" in report
     assert re.search(r"full sandbox: init \(and a plain user's outer\) +1 ", report), report
 
 

@@ -42,6 +42,20 @@ def _cgroup_layout() -> str:
     )
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot, summed over its cores.
+
+    From ``/proc/stat``'s first line: user, nice, system, irq, softirq and
+    steal, in clock ticks; idle and iowait are left out. It counts every
+    process and the kernel's own threads (RCU, the workqueues that finish a
+    network namespace's teardown), which a process's rusage does not.
+    """
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def describe() -> dict[str, str]:
     """The machine and the software versions, as labelled in the report."""
     return {

@@ -81,7 +81,8 @@ def _overhead(report: dict[str, Any]) -> list[str]:
         if figures is None:
             continue
         if figures.get("problem"):
-            rows.append([row.label, " ".join(figures["problem"].split())[:70], "", "", "", "", ""])
+            problem = " ".join(figures["problem"].split())[:70]
+            rows.append([row.label, problem, "", "", "", "", "", "", ""])
             continue
         overhead = figures.get("overhead_ms")
         fork = table.get(row.fork_baseline, {}).get("overhead_ms")
@@ -91,17 +92,37 @@ def _overhead(report: dict[str, Any]) -> list[str]:
                 _band(figures["wall_s"]),
                 _band(overhead),
                 _band(figures["interval_ms"]),
+                _band(figures.get("cpu_ms")),
+                f"{figures['cores_busy']['median']:.2f}",
                 _ratio(overhead, fork) if row.key != row.fork_baseline else "",
                 _ratio(overhead, forked) if row.key != "forked" else "",
                 _ratio(overhead, floors.get(row.floor or "")),
             ]
         )
-    header = ["row", "wall s", "overhead ms/test", "interval ms", "x fork", "x forked", "x floor"]
+    header = [
+        "row",
+        "wall s",
+        "overhead ms/test",
+        "interval ms",
+        "CPU ms/test",
+        "cores busy",
+        "x fork",
+        "x forked",
+        "x floor",
+    ]
     lines += _table(header, rows)
     lines.append(
         "  x fork / x forked / x floor: median overhead over the fork-only row's (the plain "
         "user's for its rows), "
         "pytest-forked's, and the raw floor of the same system calls (section 2)"
+    )
+    lines += _wrap(
+        "CPU ms/test: the whole machine's busy CPU time (/proc/stat: every core, every process "
+        "and kernel thread) per test, over the inline session's of the same round; cores busy: "
+        f"busy CPU time / wall time of the session, out of {report['machine']['cores']} cores. "
+        "A row whose cores are all busy is bound by the CPU it spends in total, not by the "
+        "path of one test.",
+        "  ",
     )
     lines.append("  How each row was measured:")
     for row in ROWS:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nsbench import machine
+
 BENCH_DIR = Path(__file__).resolve().parent.parent
 FULL_SANDBOX = ("--nsbox", "--nsbox-memory=256m", "--nsbox-cpu=1", "--nsbox-pids=64")
 FORKED_REQUIREMENTS = ("pytest==8.4.*", "pytest-forked==1.7.5")
@@ -96,6 +98,7 @@ def run_session(
     """
     probe_out = probe_out.absolute()  # the session runs in the project's directory
     env = dict(env, NSBENCH_PROBE_OUT=str(probe_out))
+    busy_before = machine.busy_cpu_seconds()
     started = time.perf_counter()
     done = subprocess.run(
         list(argv),
@@ -108,6 +111,7 @@ def run_session(
         preexec_fn=preexec,
     )
     wall = time.perf_counter() - started
+    busy = machine.busy_cpu_seconds() - busy_before
     tail = done.stdout.strip().splitlines()[-1:] or [""]
     passed = _PASSED.search(tail[0])
     if done.returncode != 0 or passed is None or int(passed.group(1)) != expected:
@@ -116,7 +120,7 @@ def run_session(
         )
     probe: dict[str, Any] = json.loads(probe_out.read_text())
     probe_out.unlink()
-    return SessionResult(wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"])
+    return SessionResult(wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"], busy)
 
 
 def ensure_forked_venv(cache: Path) -> tuple[str | None, str]:
