@@ -81,6 +81,7 @@ class SessionResult:
     samples: dict[str, dict[str, int]] = field(default_factory=dict)
     pid: int = 0
     uid: int = -1  # whom the session's pytest ran as
+    busy_cpu: float = 0.0  # CPU seconds the whole machine was busy meanwhile, all cores
 
 
 def run_session(
