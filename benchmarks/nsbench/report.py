@@ -75,6 +75,17 @@ def _overhead(report: dict[str, Any]) -> list[str]:
         "   overhead = (session wall - inline wall of the same round) / N; interval = time "
         "between consecutive tests' logfinish, pooled",
     ]
+    header = [
+        "row",
+        "wall s",
+        "overhead ms/test",
+        "interval ms",
+        "CPU ms/test",
+        "cores busy",
+        "x fork",
+        "x forked",
+        "x floor",
+    ]
     rows = []
     for row in ROWS:
         figures = table.get(row.key)
@@ -82,7 +93,7 @@ def _overhead(report: dict[str, Any]) -> list[str]:
             continue
         if figures.get("problem"):
             problem = " ".join(figures["problem"].split())[:70]
-            rows.append([row.label, problem, "", "", "", "", "", "", ""])
+            rows.append([row.label, problem, *[""] * (len(header) - 2)])
             continue
         overhead = figures.get("overhead_ms")
         fork = table.get(row.fork_baseline, {}).get("overhead_ms")
@@ -99,17 +110,6 @@ def _overhead(report: dict[str, Any]) -> list[str]:
                 _ratio(overhead, floors.get(row.floor or "")),
             ]
         )
-    header = [
-        "row",
-        "wall s",
-        "overhead ms/test",
-        "interval ms",
-        "CPU ms/test",
-        "cores busy",
-        "x fork",
-        "x forked",
-        "x floor",
-    ]
     lines += _table(header, rows)
     lines.append(
         "  x fork / x forked / x floor: median overhead over the fork-only row's (the plain "
