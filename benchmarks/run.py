@@ -206,7 +206,9 @@ def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]
 
     The busy CPU is the whole machine's, every core's, over the inline
     session's of the same round: what a sandboxed test costs the machine,
-    in whichever process or kernel thread it was spent.
+    in whichever process or kernel thread it was spent; ``cpu_split_ms``
+    splits it by whom (:data:`nsbench.sessions.CPU_PARTS`), each part over
+    the inline session's same part.
     """
     table: dict[str, dict[str, Any]] = {}
     for key, entry in runs.items():
@@ -233,6 +235,12 @@ def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]
                 cpu = [(r.busy_cpu - b.busy_cpu) / n * 1000 for r, b in pairs]
                 figures["overhead_ms"] = summarize(overheads).as_dict()
                 figures["cpu_ms"] = summarize(cpu).as_dict()
+                figures["cpu_split_ms"] = {
+                    part: summarize(
+                        [(r.cpu[part] - b.cpu[part]) / n * 1000 for r, b in pairs]
+                    ).as_dict()
+                    for part in sessions.CPU_PARTS
+                }
     return table
 
 

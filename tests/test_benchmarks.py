@@ -64,6 +64,14 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
     # With 6 tests the sign of an overhead is noise; that it was computed is the point.
     assert isinstance(overhead["full"]["overhead_ms"]["median"], float)
     assert isinstance(overhead["full"]["cpu_ms"]["median"], float)
+    # The split of that CPU by whom adds up to it (one round: the medians are the values),
+    # and only the sandbox has a factory and inits to spend it.
+    for key in ("fork", "full"):
+        split = {part: f["median"] for part, f in overhead[key]["cpu_split_ms"].items()}
+        assert set(split) == {"pytest", "tests", "helpers", "rest"}
+        assert sum(split.values()) == pytest.approx(overhead[key]["cpu_ms"]["median"]), split
+    full_helpers = overhead["full"]["cpu_split_ms"]["helpers"]["median"]
+    assert full_helpers > overhead["fork"]["cpu_split_ms"]["helpers"]["median"]
     assert set(figures["floor"]["levels_ms"]) >= {"fork", "ns", "overlay", "lo"}
     for level in ("ns", "overlay", "lo"):
         assert set(figures["floor"]["phases_ms"][level]) == {"build", "test", "teardown"}
@@ -88,6 +96,7 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
     full = overhead["full"]["overhead_ms"]["median"]
     assert f"{full:.2f}" in report
     assert "CPU ms/test" in report and "cores busy" in report
+    assert "CPU ms/test by whom" in report and "factory, inits" in report
     assert re.search(r"full sandbox: init \(and a plain user's outer\) +1 ", report), report
 
 

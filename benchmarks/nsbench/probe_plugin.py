@@ -6,7 +6,10 @@ protocol with ``log=False``), so its timestamps give the time per test end
 to end. The process's RSS and open fds are sampled from ``/proc/self`` at
 session start, after collection, after the first test, every
 ``$NSBENCH_SAMPLE_EVERY`` tests when set, and at session end.
-Everything is written as JSON to ``$NSBENCH_PROBE_OUT`` at session finish.
+Everything is written as JSON to ``$NSBENCH_PROBE_OUT`` at session finish,
+with the CPU time pytest itself spent so far and that of the children it
+reaped so far (``getrusage``): its test processes, but not the sandbox factory
+and the inits it reaped, which end at unconfigure.
 
 Only the standard library and pytest's hook names: the pytest-forked
 reference venv loads it too.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from typing import Any
 
@@ -56,7 +60,20 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     path = os.environ.get("NSBENCH_PROBE_OUT")
     if not path or hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller writes the file
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {
+        "pytest": own.ru_utime + own.ru_stime,
+        "reaped": reaped.ru_utime + reaped.ru_stime,
+    }
     with open(path, "w") as out:
         json.dump(
-            {"stamps": _stamps, "samples": _samples, "pid": os.getpid(), "uid": os.getuid()}, out
+            {
+                "stamps": _stamps,
+                "samples": _samples,
+                "pid": os.getpid(),
+                "uid": os.getuid(),
+                "cpu": cpu,
+            },
+            out,
         )

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nsbench.rows import ROWS
+from nsbench.sessions import CPU_PARTS
 
 MB = 1 << 20
 
@@ -124,6 +125,7 @@ def _overhead(report: dict[str, Any]) -> list[str]:
         "path of one test.",
         "  ",
     )
+    lines += _cpu_split(table)
     lines.append("  How each row was measured:")
     for row in ROWS:
         if row.key in table:
@@ -131,6 +133,28 @@ def _overhead(report: dict[str, Any]) -> list[str]:
     for figures in table.values():
         if figures.get("problem") and len(figures["problem"]) > 70:
             lines += _wrap(f"{figures['label']}: {figures['problem']}", "    ")
+    return lines
+
+
+def _cpu_split(table: dict[str, Any]) -> list[str]:
+    """Whose CPU the CPU ms/test column is: medians, each over the inline session's same part."""
+    rows = []
+    for row in ROWS:
+        split = table.get(row.key, {}).get("cpu_split_ms")
+        if row.section == 1 and split:
+            rows.append([row.label, *[f"{split[part]['median']:.2f}" for part in CPU_PARTS]])
+    if not rows:
+        return []
+    header = ["CPU ms/test by whom", "pytest", "its test processes", "factory, inits", "the rest"]
+    lines = ["", *_table(header, rows)]
+    lines += _wrap(
+        "pytest: the pytest process's own CPU time; its test processes: the children it reaped "
+        "by session finish (getrusage, with whatever they reaped); factory, inits: the rest of "
+        "pytest's process tree (the sandbox factory and the inits it forked, reaped as pytest "
+        "ends); the rest: the machine's busy time beyond the whole tree, mostly kernel threads "
+        "(RCU, the workqueues that tear namespaces and cgroups down).",
+        "  ",
+    )
     return lines
 
 

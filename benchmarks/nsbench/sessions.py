@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -74,6 +75,10 @@ def pytest_argv(python: str, project: Path, extra: Sequence[str] = ()) -> list[s
     ]
 
 
+#: Whose CPU time a session's is split into (SessionResult.cpu), in the report's order.
+CPU_PARTS = ("pytest", "tests", "helpers", "rest")
+
+
 @dataclass
 class SessionResult:
     wall: float
@@ -82,6 +87,10 @@ class SessionResult:
     pid: int = 0
     uid: int = -1  # whom the session's pytest ran as
     busy_cpu: float = 0.0  # CPU seconds the whole machine was busy meanwhile, all cores
+    #: CPU seconds by whom: "pytest" itself, "tests" (the children it reaped by session
+    #: finish), "helpers" (the rest of pytest's process tree: the sandbox factory and the
+    #: inits it reaped), "rest" (the machine's busy time beyond that: kernel threads).
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 def run_session(
@@ -100,6 +109,7 @@ def run_session(
     probe_out = probe_out.absolute()  # the session runs in the project's directory
     env = dict(env, NSBENCH_PROBE_OUT=str(probe_out))
     busy_before = machine.busy_cpu_seconds()
+    tree_before = _reaped_cpu_seconds()
     started = time.perf_counter()
     done = subprocess.run(
         list(argv),
@@ -113,6 +123,7 @@ def run_session(
     )
     wall = time.perf_counter() - started
     busy = machine.busy_cpu_seconds() - busy_before
+    tree = _reaped_cpu_seconds() - tree_before
     tail = done.stdout.strip().splitlines()[-1:] or [""]
     passed = _PASSED.search(tail[0])
     if done.returncode != 0 or passed is None or int(passed.group(1)) != expected:
@@ -121,7 +132,21 @@ def run_session(
         )
     probe: dict[str, Any] = json.loads(probe_out.read_text())
     probe_out.unlink()
-    return SessionResult(wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"], busy)
+    own, reaped = probe["cpu"]["pytest"], probe["cpu"]["reaped"]
+    cpu = {"pytest": own, "tests": reaped, "helpers": tree - own - reaped, "rest": busy - tree}
+    return SessionResult(
+        wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"], busy, cpu
+    )
+
+
+def _reaped_cpu_seconds() -> float:
+    """The CPU time of this process's reaped children, with every descendant they reaped.
+
+    Around one session: the pytest process and its whole tree (the kernel
+    adds a child's children's times to it as it reaps them).
+    """
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def ensure_forked_venv(cache: Path) -> tuple[str | None, str]:
