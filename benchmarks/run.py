@@ -24,7 +24,9 @@ Sessions of section 1 (with the raw floor and section 5) run in rounds, in a
 new random order each round; a row's overhead per test in a round is
 ``(wall - wall of the inline row of the same round) / N``, and its CPU per
 test is the whole machine's busy time (``/proc/stat``, every core, kernel
-threads included) over the inline row's, per test. Figures are the
+threads included) over the inline row's, per test, split by whom: pytest
+itself, its test processes, the rest of its process tree (the factory and
+the inits) and the rest of the machine (kernel threads). Figures are the
 median over rounds with the p10-p90 band. Progress goes to stderr, the
 report to stdout, and ``--json`` saves every figure.
 """
