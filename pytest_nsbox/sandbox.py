@@ -703,14 +703,14 @@ def build_spec(
         gid=os.getgid(),
         hostname=hostname,
         cwd=cwd,
-        filesystem=filesystem.FilesystemPlan(
+        filesystem=filesystem.plan(
             rootdir=rootdir,
             privileged=privileged,
             private_tmp=private_tmp,
             tmp_size=tmp_size,
             upper_size=tmp_size,
             passthrough=passthrough,
-            readonly=interpreter_paths(),
+            interpreter=interpreter_paths(),
         ),
         loopback_request=network.loopback_up_request() if isolate_network else None,
         list_writes=list_writes,

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -577,6 +578,33 @@ def test_import_path_under_tmp_stays_visible_read_only(
         assert (libdir / "lazy_helper.py").read_text() == "VALUE = 42\n"
     finally:
         shutil.rmtree(libdir)
+
+
+def test_filesystem_plan_works_out_the_host_paths_once() -> None:
+    """What init binds back and where it lays the scratch tmpfs, decided from the host's paths."""
+    from pytest_nsbox import filesystem
+
+    def plan(rootdir: str, interpreter: tuple[str, ...], private_tmp: bool = True) -> Any:
+        return filesystem.plan(
+            rootdir=rootdir,
+            privileged=True,
+            private_tmp=private_tmp,
+            tmp_size=1 << 20,
+            upper_size=1 << 20,
+            passthrough=(),
+            interpreter=interpreter,
+        )
+
+    paths = ("/usr/lib/python3", "/tmp/venv", "/tmp/venv/lib", "/tmp", "/dev/shm/repo/src")
+    made = plan("/dev/shm/repo", paths)
+    # Only what a private tmpfs hides, outermost, not /tmp itself, not inside the repo.
+    assert made.readonly == ("/tmp/venv",)
+    assert plan("/dev/shm/repo", paths, private_tmp=False).readonly == ()
+    # The scratch tmpfs never covers the repo or the interpreter for its moment.
+    assert made.scratch not in ("", "/dev/shm", "/tmp")
+    assert os.path.isdir(made.scratch)
+    assert plan("/srv/repo", ()).scratch == "/dev/shm"
+    assert plan("/dev/shm/repo", paths) is made  # once per session, not per test
 
 
 def test_tmp_itself_on_sys_path_stays_private(

@@ -56,7 +56,7 @@ def time_set_up(rootdir: str) -> float:
         try:
             os.close(read_fd)
             privileged = _enter_mount_namespace()
-            plan = filesystem.FilesystemPlan(
+            plan = filesystem.plan(
                 rootdir=rootdir,
                 privileged=privileged,
                 private_tmp=True,
