@@ -59,6 +59,7 @@ class FilesystemPlan:
         return _hidden_tops(self.private_tmp)
 
 
+@lru_cache(maxsize=32)
 def plan(
     *,
     rootdir: str,
@@ -69,20 +70,7 @@ def plan(
     passthrough: tuple[str, ...],
     interpreter: tuple[str, ...] = (),
 ) -> FilesystemPlan:
-    """The plan for these settings; ``interpreter``: the paths the test's Python needs."""
-    return _plan(rootdir, privileged, private_tmp, tmp_size, upper_size, passthrough, interpreter)
-
-
-@lru_cache(maxsize=32)
-def _plan(
-    rootdir: str,
-    privileged: bool,
-    private_tmp: bool,
-    tmp_size: int,
-    upper_size: int,
-    passthrough: tuple[str, ...],
-    interpreter: tuple[str, ...],
-) -> FilesystemPlan:
+    """The plan for these settings (cached); ``interpreter``: the paths the test's Python needs."""
     hidden = _hidden_tops(private_tmp)
     # Never a hidden top itself: a script run from /tmp puts "/tmp" on
     # sys.path, and binding that back would undo the private /tmp.
