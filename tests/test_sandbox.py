@@ -16,11 +16,10 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pytest_nsbox import kernel, network
+from pytest_nsbox import filesystem, kernel, network
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -582,9 +581,10 @@ def test_import_path_under_tmp_stays_visible_read_only(
 
 def test_filesystem_plan_works_out_the_host_paths_once() -> None:
     """What init binds back and where it lays the scratch tmpfs, decided from the host's paths."""
-    from pytest_nsbox import filesystem
 
-    def plan(rootdir: str, interpreter: tuple[str, ...], private_tmp: bool = True) -> Any:
+    def plan(
+        rootdir: str, interpreter: tuple[str, ...], private_tmp: bool = True
+    ) -> filesystem.FilesystemPlan:
         return filesystem.plan(
             rootdir=rootdir,
             privileged=True,
