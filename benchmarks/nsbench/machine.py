@@ -42,18 +42,22 @@ def _cgroup_layout() -> str:
     )
 
 
-def busy_cpu_seconds() -> float:
-    """CPU time the whole machine has spent busy since boot, summed over its cores.
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time the whole machine has spent busy, and in all, since boot, summed over its cores.
 
-    From ``/proc/stat``'s first line: user, nice, system, irq, softirq and
-    steal, in clock ticks; idle and iowait are left out. It counts every
-    process and the kernel's own threads (RCU, the workqueues that finish a
-    network namespace's teardown), which a process's rusage does not.
+    From ``/proc/stat``'s first line, in clock ticks: busy is user, nice,
+    system, irq, softirq and steal (idle and iowait left out); all adds
+    those two. It counts every process and the kernel's own threads (RCU,
+    the workqueues that finish a network namespace's teardown), which a
+    process's rusage does not. Both come from the same counters, so the
+    busy share of a window never exceeds one, whatever the ticks' rounding.
     """
     with open("/proc/stat") as stat:
         fields = stat.readline().split()
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    ticks = os.sysconf("SC_CLK_TCK")
+    return busy / ticks, (busy + idle + iowait) / ticks
 
 
 def describe() -> dict[str, str]:

@@ -120,7 +120,8 @@ def _overhead(report: dict[str, Any]) -> list[str]:
     lines += _wrap(
         "CPU ms/test: the whole machine's busy CPU time (/proc/stat: every core, every process "
         "and kernel thread) per test, over the inline session's of the same round; cores busy: "
-        f"busy CPU time / wall time of the session, out of {report['machine']['cores']} cores. "
+        "the busy share of the machine's CPU time during the session (the same counters), "
+        f"times its {report['machine']['cores']} cores. "
         "A row whose cores are all busy is bound by the CPU it spends in total, not by the "
         "path of one test.",
         "  ",
