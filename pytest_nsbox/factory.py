@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 _MAX_REQUEST = 1 << 20
 _MAX_READY_FDS = 64  # init's namespaces, mounts, cgroup counter files and pidfd: about 20
+_DEATH_GRACE = 0.5  # seconds a factory whose socket hung up may take to exit (see death)
 # Variables that would have coverage measure the factory itself (it is not the tests' code).
 _COVERAGE_ENV = (
     "COVERAGE_PROCESS_START",
@@ -240,7 +241,7 @@ class PendingSandbox:
         """A sandbox that failed to be ready; ``received`` are descriptors to close."""
         for fd in received:
             os.close(fd)
-        death = self.factory.death(self.factory_pid)
+        death = self.factory.death(self.factory_pid, settle=True)
         if death is not None:  # the factory's end is why the sandbox gave up
             error = {**error, "message": f"{error['message']}; {death}"}
         return PreparedSandbox(
@@ -282,16 +283,38 @@ class SandboxFactory:
         own.extend(fd for fd in (channel.fileno() for channel in self._channels) if fd >= 0)
         return tuple(own)
 
-    def death(self, pid: int | None) -> str | None:
-        """How the factory process ``pid`` ended, if it did: for its sandboxes' messages."""
+    def death(self, pid: int | None, *, settle: bool = False) -> str | None:
+        """How the factory process ``pid`` ended, if it did: for its sandboxes' messages.
+
+        ``settle``, once a sandbox failed: a dying factory closes its
+        descriptors (so its init sees them close, and gives up) a moment
+        before its exit can be waited for; a factory whose socket has already
+        hung up gets up to ``_DEATH_GRACE`` seconds to finish, so that the
+        sandbox's message can name its end.
+        """
         process = self._process
-        if process is not None and process.pid == pid and process.poll() is not None:
+        if process is None or process.pid != pid:
+            return self._deaths.get(pid) if pid is not None else None
+        if settle and process.poll() is None and self._hung_up():
+            import subprocess  # see the imports at the top
+
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(_DEATH_GRACE)
+        if process.poll() is not None:
             status = process.returncode
             how = (
                 f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
             )
             self._deaths[process.pid] = f"the sandbox factory (pid {process.pid}) {how}"
-        return self._deaths.get(pid) if pid is not None else None
+        return self._deaths.get(pid)
+
+    def _hung_up(self) -> bool:
+        """Whether the factory's end of the request socket is closed (POLLHUP)."""
+        if self._requests is None:
+            return False
+        poller = select.poll()
+        poller.register(self._requests.fileno(), 0)
+        return bool(poller.poll(0))
 
     def prepare(self, spec: sandbox.SandboxSpec, cgroup: SandboxCgroup | None) -> PendingSandbox:
         """Ask for a sandbox; it is built while the caller goes on.
@@ -308,7 +331,9 @@ class SandboxFactory:
         except OSError as exc:
             ours.close()
             raise kernel.SandboxSetupError(
-                "send a request to the sandbox factory", exc.errno or 0, self.death(self.pid) or ""
+                "send a request to the sandbox factory",
+                exc.errno or 0,
+                self.death(self.pid, settle=True) or "",
             ) from None
         finally:
             theirs.close()

@@ -177,7 +177,7 @@ def _init_outlived(prepared: PreparedSandbox, child_status: int | None) -> bool:
 
 def _init_lost(prepared: PreparedSandbox, factory: SandboxFactory) -> str:
     """Why the sandbox's init is gone while the test still needed it."""
-    reasons = ["the sandbox's init has exited", factory.death(prepared.factory_pid)]
+    reasons = ["the sandbox's init has exited", factory.death(prepared.factory_pid, settle=True)]
     return "; ".join(filter(None, reasons))
 
 

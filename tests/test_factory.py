@@ -1379,6 +1379,38 @@ def test_factory_death_mid_session_rootless(
             )
 
 
+def test_a_sandbox_given_up_by_a_dying_factory_names_its_end(tmp_path: Path) -> None:
+    """The factory's descriptors close a moment before its exit can be waited for.
+
+    A sandbox that failed in that moment still names the factory's end: here a
+    stand-in factory takes one request, closes every descriptor (the sandbox's
+    channel with them), and exits only 0.3 s later.
+    """
+    from pytest_nsbox.factory import SandboxFactory
+
+    class DyingFactory(SandboxFactory):
+        def command(self, sock_fd: int) -> list[str]:
+            code = (
+                f"import os, socket, time; requests = socket.socket(fileno={sock_fd}); "
+                "socket.recv_fds(requests, 1 << 20, 4); os.closerange(3, 1 << 16); "
+                "time.sleep(0.3); os._exit(3)"
+            )
+            return [sys.executable, "-I", "-S", "-c", code]
+
+    spec = _spec_of(
+        tmp_path, privileged=os.geteuid() == 0, isolate_network=False, list_writes=False
+    )
+    factory = DyingFactory()
+    try:
+        prepared = factory.prepare(spec, None).wait()
+        pid = factory.pid
+    finally:
+        factory.close()
+    assert prepared.setup_error is not None
+    message = prepared.setup_error["message"]
+    assert message.endswith(f"; the sandbox factory (pid {pid}) exited with status 3"), message
+
+
 def test_factory_death_while_idle_then_more_tests(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
