@@ -225,10 +225,9 @@ def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]
         figures["uids"] = sorted({r.uid for r in entry.results.values()})
         pooled = [i for r in entry.results.values() for i in intervals(r.stamps)]
         figures["interval_ms"] = summarize(pooled).scaled(1000).as_dict()
-        # The busy share of the machine's CPU time, over the same counters, times its cores.
         cores = os.cpu_count() or 1
         figures["cores_busy"] = summarize(
-            [r.busy_cpu / r.all_cpu * cores for r in entry.results.values()]
+            [r.busy_share * cores for r in entry.results.values()]
         ).as_dict()
         base = runs.get(row.baseline)
         if base is not None and key != row.baseline:

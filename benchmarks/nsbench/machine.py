@@ -42,22 +42,25 @@ def _cgroup_layout() -> str:
     )
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """CPU time the whole machine has spent busy, and in all, since boot, summed over its cores.
+#: Seconds per clock tick, the unit of /proc/stat's counters.
+CLOCK_TICK = 1 / os.sysconf("SC_CLK_TCK")
 
-    From ``/proc/stat``'s first line, in clock ticks: busy is user, nice,
-    system, irq, softirq and steal (idle and iowait left out); all adds
-    those two. It counts every process and the kernel's own threads (RCU,
-    the workqueues that finish a network namespace's teardown), which a
-    process's rusage does not. Both come from the same counters, so the
-    busy share of a window never exceeds one, whatever the ticks' rounding.
+
+def cpu_ticks() -> tuple[int, int]:
+    """Clock ticks the whole machine has spent busy, and in all, since boot, over its cores.
+
+    From ``/proc/stat``'s first line: busy is user, nice, system, irq,
+    softirq and steal (idle and iowait left out); all adds those two. It
+    counts every process and the kernel's own threads (RCU, the workqueues
+    that finish a network namespace's teardown), which a process's rusage
+    does not. Whole numbers from the same counters: the busy share of a
+    window is exactly at most one, whatever the ticks' rounding.
     """
     with open("/proc/stat") as stat:
         fields = stat.readline().split()
     user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[1:9])
     busy = user + nice + system + irq + softirq + steal
-    ticks = os.sysconf("SC_CLK_TCK")
-    return busy / ticks, (busy + idle + iowait) / ticks
+    return busy, busy + idle + iowait
 
 
 def describe() -> dict[str, str]:

@@ -87,7 +87,7 @@ class SessionResult:
     pid: int = 0
     uid: int = -1  # whom the session's pytest ran as
     busy_cpu: float = 0.0  # CPU seconds the whole machine was busy meanwhile, all cores
-    all_cpu: float = 0.0  # CPU seconds the whole machine had meanwhile, busy or idle
+    busy_share: float = 0.0  # the share of the machine's CPU time that was busy meanwhile
     #: CPU seconds by whom: "pytest" itself, "tests" (the children it reaped by session
     #: finish), "helpers" (the rest of pytest's process tree: the sandbox factory and the
     #: inits it reaped), "rest" (the machine's busy time beyond that: kernel threads).
@@ -109,7 +109,7 @@ def run_session(
     """
     probe_out = probe_out.absolute()  # the session runs in the project's directory
     env = dict(env, NSBENCH_PROBE_OUT=str(probe_out))
-    busy_before, all_before = machine.cpu_seconds()
+    busy_before, all_before = machine.cpu_ticks()
     tree_before = _reaped_cpu_seconds()
     started = time.perf_counter()
     done = subprocess.run(
@@ -123,8 +123,10 @@ def run_session(
         preexec_fn=preexec,
     )
     wall = time.perf_counter() - started
-    busy_after, all_after = machine.cpu_seconds()
-    busy, all_cpu = busy_after - busy_before, all_after - all_before
+    busy_after, all_after = machine.cpu_ticks()
+    busy_ticks, all_ticks = busy_after - busy_before, all_after - all_before
+    busy = busy_ticks * machine.CLOCK_TICK
+    share = busy_ticks / all_ticks if all_ticks else 0.0
     tree = _reaped_cpu_seconds() - tree_before
     tail = done.stdout.strip().splitlines()[-1:] or [""]
     passed = _PASSED.search(tail[0])
@@ -137,7 +139,7 @@ def run_session(
     own, reaped = probe["cpu"]["pytest"], probe["cpu"]["reaped"]
     cpu = {"pytest": own, "tests": reaped, "helpers": tree - own - reaped, "rest": busy - tree}
     return SessionResult(
-        wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"], busy, all_cpu, cpu
+        wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"], busy, share, cpu
     )
 
 
