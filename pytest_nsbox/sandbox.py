@@ -48,6 +48,7 @@ import select
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ EXIT_TEST_RUNNER_FAILED = 121
 
 _MAP_ALL_IDS = "0 0 4294967295"
 _FULL_MARGIN = 64 * 1024  # a tmpfs with less free space than this counts as full
+_CMDLINE_TRIES = 20  # reads of an empty /proc/PID/cmdline, 1 ms apart (see _command_line)
 
 #: The namespaces the test joins with setns, in order, by the name /proc/PID/ns gives them.
 #: ``outer_user`` (a plain user's only) comes first: it grants the rights to join the others;
@@ -579,8 +581,7 @@ def _kill_leftovers() -> list[list[object]]:
                     continue  # exited, only not reaped yet: not left running
             with open(f"/proc/{entry}/comm") as comm:
                 name = comm.read().strip()
-            with open(f"/proc/{entry}/cmdline", "rb") as cmd:
-                cmdline = cmd.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            cmdline = _command_line(entry)
         except OSError:
             continue  # it exited meanwhile
         left.append([int(entry), name, cmdline])
@@ -590,6 +591,25 @@ def _kill_leftovers() -> list[list[object]]:
             os.kill(-1, signal.SIGKILL)
     reap_exited(wait_for_all=True)
     return sorted(left)
+
+
+def _command_line(pid: str) -> str:
+    """/proc/PID/cmdline, read again for a moment while it is empty.
+
+    A process caught in ``execve`` already has its new name but not yet
+    its arguments (the kernel sets them last), and ``subprocess.Popen``
+    returns in that window: a test that ends right after it would leave a
+    ``sleep`` listed without its ``30``. A process that stays without
+    arguments (one that cleared them) costs the wait once, and only when
+    something was left running.
+    """
+    for _ in range(_CMDLINE_TRIES):
+        with open(f"/proc/{pid}/cmdline", "rb") as cmd:
+            cmdline = cmd.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        if cmdline:
+            return cmdline
+        time.sleep(0.001)
+    return ""
 
 
 def _wait_for(pid: int) -> int:

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -1120,6 +1121,28 @@ def test_after_test_report(pytester: pytest.Pytester) -> None:
     assert not (pytester.path / "written.txt").exists()
     assert wait_for(lambda: not (descendants(me) - before), 5)
     assert wait_for(lambda: not factory_processes(me), 5), factory_processes(me)
+
+
+def test_a_leftover_caught_in_execve_is_listed_with_its_arguments() -> None:
+    """subprocess.Popen returns while its child's execve has set the new name, not yet the arguments.
+
+    Init reads an empty command line again for a moment (this is the
+    listing's reader, on the host's /proc): a process just started gets its
+    arguments, and one that never has any (a zombie) costs the bounded wait.
+    """
+    zombie = subprocess.Popen(["true"])
+    state = Path(f"/proc/{zombie.pid}/stat")
+    assert wait_for(lambda: state.read_text().rpartition(")")[2].split()[0] == "Z", 5)
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        assert sandbox._command_line(str(live.pid)) == "sleep 30"
+        started = time.monotonic()
+        assert sandbox._command_line(str(zombie.pid)) == ""
+        assert time.monotonic() - started >= sandbox._CMDLINE_TRIES * 0.001
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
 
 
 def test_after_test_report_rootless(plain_user: PlainUser, user_project: Path) -> None:
