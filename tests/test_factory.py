@@ -1285,6 +1285,23 @@ def pytest_sessionfinish(session):
 """
 
 
+def check_later_tests(summary: list[str], names: tuple[str, ...], output: str) -> None:
+    """Each later test passed, or every line of its that did not pass names the factory.
+
+    A test may have two lines: its call passed, and its sandbox ended (with
+    the factory) during its teardown, an ERROR of its own.
+    """
+    for name in names:
+        lines = [line for line in summary if f"::{name}" in line]
+        assert lines, f"{name} is not in the summary:\n{output}"
+        assert len(lines) <= 2, lines
+        for line in lines:
+            if not line.startswith("PASSED"):
+                assert "sandbox factory" in line, (
+                    f"{name} failed without naming the sandbox factory: {line}"
+                )
+
+
 KILL_MODES = pytest.mark.parametrize(
     "wait", [False, True], ids=["next-test-at-once", "after-all-gone"]
 )
@@ -1338,17 +1355,16 @@ def test_factory_death_mid_session_is_named_not_hung(
     assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 5, output
     summary = summary_lines(output)
     assert any("PASSED" in line and "test_1_first" in line for line in summary), output
-    for name in (
-        "test_2_prepared_by_the_dead_factory",
-        "test_3_later",
-        "test_4_later_other_spec",
-        "test_5_last",
-    ):
-        (line,) = [line for line in summary if f"::{name}" in line]
-        if not line.startswith("PASSED"):
-            assert "sandbox factory" in line, (
-                f"{name} failed without naming the sandbox factory: {line}"
-            )
+    check_later_tests(
+        summary,
+        (
+            "test_2_prepared_by_the_dead_factory",
+            "test_3_later",
+            "test_4_later_other_spec",
+            "test_5_last",
+        ),
+        output,
+    )
     assert not os.path.exists(f"/proc/{state['killed']}"), "the killed factory was never reaped"
 
 
@@ -1394,12 +1410,9 @@ def test_factory_death_mid_session_rootless(
     assert "INTERNALERROR" not in output and "Traceback" not in output, output
     summary = summary_lines(output)
     assert any(line.startswith("PASSED") and "test_1_first" in line for line in summary), output
-    for name in ("test_2_prepared_by_the_dead_factory", "test_3_later", "test_4_last"):
-        (line,) = [line for line in summary if f"::{name}" in line]
-        if not line.startswith("PASSED"):
-            assert "sandbox factory" in line, (
-                f"{name} failed without naming the sandbox factory: {line}"
-            )
+    check_later_tests(
+        summary, ("test_2_prepared_by_the_dead_factory", "test_3_later", "test_4_last"), output
+    )
 
 
 def test_a_sandbox_given_up_by_a_dying_factory_names_its_end(tmp_path: Path) -> None:
