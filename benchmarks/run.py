@@ -13,7 +13,9 @@ Sections, all measured in one run and compared only within it:
    pytest, a fork-only baseline, the nsbox engine layer by layer, the full
    plugin, and pytest-forked 1.7.5 in a venv of its own (pytest 8.4); and,
    run as root, the plain user ``nsbox-tester``'s inline, fork-only and
-   ``--nsbox`` sessions (the rootless path);
+   ``--nsbox`` sessions (the rootless path); and, in one more session per
+   row for a few of them, each test's way step by step (before its test
+   process runs its setup, the protocol, after, between tests);
 2. the raw floor: the same system calls from a minimal Python process;
 3. overlay set-up time against the size of the rootdir, and copytree's;
 4. sustained throughput and the parent's RSS/fds over a long session;
@@ -34,6 +36,7 @@ report to stdout, and ``--json`` saves every figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pwd
@@ -192,7 +195,7 @@ def run_rounds(
 
 
 def _one_session(
-    row: Row, projects: Projects, n: int, pythons: dict[str, str]
+    row: Row, projects: Projects, n: int, pythons: dict[str, str], *, timeline: bool = False
 ) -> sessions.SessionResult:
     project, probe_out, preexec = projects.for_row(row)
     argv = sessions.pytest_argv(pythons[row.venv], project, row.args)
@@ -200,7 +203,50 @@ def _one_session(
     if row.user:
         env["HOME"] = str(project.parent)
     timeout = 120 + 2.0 * n
-    return sessions.run_session(argv, env, n, probe_out, timeout, preexec)
+    timeline_out = probe_out.with_name("timeline.txt") if timeline else None
+    return sessions.run_session(argv, env, n, probe_out, timeout, preexec, timeline_out)
+
+
+#: The rows whose tests are also timed step by step, in sessions of their own.
+TIMELINE_ROWS = ("inline", "fork", "full", "forked_inline", "forked")
+#: The steps of a test's way, between the probe plugin's four timestamps.
+TIMELINE_STEPS = ("before", "protocol", "after", "between")
+
+
+def measure_timelines(
+    runs: dict[str, RowRuns], projects: Projects, n: int, pythons: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Each of TIMELINE_ROWS that ran: one more session, timestamped, and its steps in ms.
+
+    Per test, the median over the session's tests but its first: before
+    (pytest's logstart to the test process's setup: pytest's own steps, the
+    fork, a sandbox's set-up), protocol (setup to the teardown report),
+    after (the reports' way back, the test process's exit, pytest's own
+    steps to logfinish), between (logfinish to the next test's logstart).
+    """
+    figures: dict[str, dict[str, Any]] = {}
+    for key in TIMELINE_ROWS:
+        entry = runs.get(key)
+        if entry is None or entry.problem is not None or not entry.results:
+            continue
+        log(f"timeline: {entry.row.label}")
+        try:
+            result = _one_session(entry.row, projects, n, pythons, timeline=True)
+        except (sessions.SessionFailed, subprocess.TimeoutExpired) as exc:
+            figures[key] = {"label": entry.row.label, "problem": str(exc)[-600:]}
+            continue
+        tests = result.timeline[1:]
+        steps = {
+            "before": [setup - start for start, setup, _, _ in tests],
+            "protocol": [teardown - setup for _, setup, teardown, _ in tests],
+            "after": [finish - teardown for _, _, teardown, finish in tests],
+            "between": [b[0] - a[3] for a, b in itertools.pairwise(tests)],
+        }
+        figures[key] = {"label": entry.row.label, "problem": None}
+        figures[key].update(
+            {f"{step}_ms": summarize(steps[step]).scaled(1000).as_dict() for step in TIMELINE_STEPS}
+        )
+    return figures
 
 
 def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]]:
@@ -563,6 +609,8 @@ def _sessions_and_floor(
         args.seed,
     )
     table = summarize_rows(runs, mode.n)
+    if 1 in sections:
+        report["timeline"] = measure_timelines(runs, projects, mode.n, pythons)
     for key, reason in skipped.items():
         row = next(r for r in ROWS if r.key == key)
         table[key] = {"label": row.label, "how": row.how, "problem": f"unavailable: {reason}"}

@@ -97,6 +97,20 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
     assert f"{full:.2f}" in report
     assert "CPU ms/test" in report and "cores busy" in report
     assert "CPU ms/test by whom" in report and "factory, inits" in report
+    # Step by step: a forked test's "before" holds the fork (and the sandbox's set-up),
+    # which an inline test's does not; each step was timed on every test but the first.
+    timeline = figures["timeline"]
+    assert set(timeline) == {"inline", "fork", "full"}, timeline
+    for steps in timeline.values():
+        assert steps["problem"] is None, steps
+        for step in ("before", "protocol", "after", "between"):
+            assert steps[f"{step}_ms"]["n"] == (6 - 1 if step != "between" else 6 - 2), steps
+        assert steps["protocol_ms"]["median"] > 0, steps
+    inline_before = timeline["inline"]["before_ms"]["median"]
+    assert timeline["fork"]["before_ms"]["median"] > inline_before, timeline
+    assert timeline["full"]["before_ms"]["median"] > inline_before, timeline
+    assert "ms/test, step by step" in report
+    assert f"{timeline['full']['before_ms']['median']:.2f}" in report
     assert re.search(r"full sandbox: init \(and a plain user's outer\) +1 ", report), report
 
 

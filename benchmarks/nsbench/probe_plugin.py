@@ -11,6 +11,14 @@ with the CPU time pytest itself spent so far and that of the children it
 reaped so far (``getrusage``): its test processes, but not the sandbox factory
 and the inits it reaped, which end at unconfigure.
 
+With ``$NSBENCH_TIMELINE_OUT`` set (sessions of their own: the timestamps
+cost the test process copied pages), each test's way is timed at four
+points on the one monotonic clock: pytest's ``logstart`` and ``logfinish``,
+kept in pytest, and, in whichever process runs the test, the start of its
+``setup`` and the moment its teardown report is asked for, appended to that
+file through a descriptor opened here (a forked test process or sandbox
+inherits it) as ``nodeid<TAB>setup<TAB>teardown`` lines.
+
 Only the standard library and pytest's hook names: the pytest-forked
 reference venv loads it too.
 """
@@ -25,6 +33,7 @@ from typing import Any
 
 _stamps: list[float] = []
 _samples: dict[str, dict[str, int]] = {}
+_edges: dict[str, list[float]] = {}  # with a Timeline, in pytest: nodeid -> [logstart, logfinish]
 
 
 def footprint(pid: int | str = "self") -> dict[str, int]:
@@ -38,12 +47,38 @@ def footprint(pid: int | str = "self") -> dict[str, int]:
     return {"rss": rss, "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
+def pytest_configure(config: Any) -> None:
+    path = os.environ.get("NSBENCH_TIMELINE_OUT")
+    if path:  # registered only then: its hooks would cost every other session's tests
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        config.pluginmanager.register(Timeline(fd), "nsbench-timeline")
+
+
+class Timeline:
+    """The four timestamps of each test (see the module docstring)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.setup_started = 0.0  # in the test's process
+
+    def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
+        _edges[nodeid] = [time.perf_counter()]
+
+    def pytest_runtest_setup(self, item: Any) -> None:
+        self.setup_started = time.perf_counter()
+
+    def pytest_runtest_makereport(self, item: Any, call: Any) -> None:
+        """Before the report is built (a firstresult hook: None passes it on to pytest's)."""
+        if call.when == "teardown":
+            line = f"{item.nodeid}\t{self.setup_started!r}\t{time.perf_counter()!r}\n"
+            os.write(self.fd, line.encode())
+
+    def pytest_runtest_logfinish(self, nodeid: str, location: Any) -> None:
+        _edges[nodeid].append(time.perf_counter())
+
+
 def pytest_sessionstart(session: Any) -> None:
     _samples["session_start"] = footprint()
-
-
-def pytest_collection_finish(session: Any) -> None:
-    _samples["collected"] = footprint()
 
 
 def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
@@ -74,6 +109,7 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
                 "pid": os.getpid(),
                 "uid": os.getuid(),
                 "cpu": cpu,
+                "edges": _edges,
             },
             out,
         )

@@ -127,6 +127,7 @@ def _overhead(report: dict[str, Any]) -> list[str]:
         "  ",
     )
     lines += _cpu_split(table)
+    lines += _timeline(report.get("timeline") or {})
     lines.append("  How each row was measured:")
     for row in ROWS:
         if row.key in table:
@@ -154,6 +155,32 @@ def _cpu_split(table: dict[str, Any]) -> list[str]:
         "pytest's process tree (the sandbox factory and the inits it forked, reaped as pytest "
         "ends); the rest: the machine's busy time beyond the whole tree, mostly kernel threads "
         "(RCU, the workqueues that tear namespaces and cgroups down).",
+        "  ",
+    )
+    return lines
+
+
+def _timeline(timeline: dict[str, Any]) -> list[str]:
+    """Where a test's time goes, step by step, in the timestamped sessions."""
+    rows = []
+    for figures in timeline.values():
+        if figures.get("problem"):
+            rows.append([figures["label"], " ".join(figures["problem"].split())[:60], "", "", ""])
+            continue
+        steps = [figures[f"{step}_ms"] for step in ("before", "protocol", "after", "between")]
+        rows.append([figures["label"], *[f"{step['median']:.2f}" for step in steps]])
+    if not rows:
+        return []
+    header = ["ms/test, step by step", "before", "protocol", "after", "between"]
+    lines = ["", *_table(header, rows)]
+    lines += _wrap(
+        "One more session per row, timed at four points on one clock (medians over its tests): "
+        "before = pytest's logstart to the start of the test's setup in its process (pytest's "
+        "own steps, the fork, a sandbox's set-up); protocol = setup to the teardown report "
+        "(the reports sent on the way); after = from there to pytest's logfinish (the test "
+        "process's exit, pytest reading the reports and its own steps); between = logfinish "
+        "to the next test's logstart. Not the sessions of the table above: taking the "
+        "timestamps costs the test process a few copied pages.",
         "  ",
     )
     return lines

@@ -92,6 +92,9 @@ class SessionResult:
     #: finish), "helpers" (the rest of pytest's process tree: the sandbox factory and the
     #: inits it reaped), "rest" (the machine's busy time beyond that: kernel threads).
     cpu: dict[str, float] = field(default_factory=dict)
+    #: With a timeline (run_session's ``timeline_out``), per test in order: pytest's
+    #: logstart, the test process's setup, its teardown report, pytest's logfinish.
+    timeline: list[tuple[float, float, float, float]] = field(default_factory=list)
 
 
 def run_session(
@@ -101,14 +104,19 @@ def run_session(
     probe_out: Path,
     timeout: float,
     preexec: Callable[[], None] | None = None,
+    timeline_out: Path | None = None,
 ) -> SessionResult:
     """Run one session, timed from spawn to exit; it must pass exactly ``expected`` tests.
 
     ``preexec`` runs in the child before the exec (a plain user's rows drop
-    their ids there: :func:`nsbench.plainuser.becoming`).
+    their ids there: :func:`nsbench.plainuser.becoming`). ``timeline_out``:
+    where the probe plugin's test processes write their timestamps (see
+    :mod:`nsbench.probe_plugin`), for :attr:`SessionResult.timeline`.
     """
     probe_out = probe_out.absolute()  # the session runs in the project's directory
     env = dict(env, NSBENCH_PROBE_OUT=str(probe_out))
+    if timeline_out is not None:
+        env["NSBENCH_TIMELINE_OUT"] = str(timeline_out.absolute())
     busy_before, all_before = machine.cpu_ticks()
     tree_before = _reaped_cpu_seconds()
     started = time.perf_counter()
@@ -138,9 +146,27 @@ def run_session(
     probe_out.unlink()
     own, reaped = probe["cpu"]["pytest"], probe["cpu"]["reaped"]
     cpu = {"pytest": own, "tests": reaped, "helpers": tree - own - reaped, "rest": busy - tree}
-    return SessionResult(
+    result = SessionResult(
         wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"], busy, share, cpu
     )
+    if timeline_out is not None:
+        result.timeline = _timeline(probe["edges"], timeline_out)
+    return result
+
+
+def _timeline(
+    edges: dict[str, list[float]], written: Path
+) -> list[tuple[float, float, float, float]]:
+    """Join pytest's two timestamps of each test with the two its test process wrote."""
+    inside: dict[str, tuple[float, float]] = {}
+    for line in written.read_text().splitlines():
+        nodeid, setup, teardown = line.split("\t")
+        inside[nodeid] = (float(setup), float(teardown))
+    written.unlink()
+    missing = sorted(set(edges) ^ set(inside))
+    if missing:
+        raise SessionFailed(f"timeline: tests timed only on one side: {missing[:5]}")
+    return sorted((start, *inside[nodeid], finish) for nodeid, (start, finish) in edges.items())
 
 
 def _reaped_cpu_seconds() -> float:
