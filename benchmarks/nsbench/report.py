@@ -145,19 +145,16 @@ def _cpu_split(table: dict[str, Any]) -> list[str]:
         split = table.get(row.key, {}).get("cpu_split_ms")
         if row.section == 1 and split:
             rows.append([row.label, *[f"{split[part]['median']:.2f}" for part in CPU_PARTS]])
-    if not rows:
-        return []
     header = ["CPU ms/test by whom", "pytest", "its test processes", "factory, inits", "the rest"]
-    lines = ["", *_table(header, rows)]
-    lines += _wrap(
+    return _subtable(
+        header,
+        rows,
         "pytest: the pytest process's own CPU time; its test processes: the children it reaped "
         "by session finish (getrusage, with whatever they reaped); factory, inits: the rest of "
         "pytest's process tree (the sandbox factory and the inits it forked, reaped as pytest "
         "ends); the rest: the machine's busy time beyond the whole tree, mostly kernel threads "
         "(RCU, the workqueues that tear namespaces and cgroups down).",
-        "  ",
     )
-    return lines
 
 
 def _timeline(timeline: dict[str, Any]) -> list[str]:
@@ -169,11 +166,10 @@ def _timeline(timeline: dict[str, Any]) -> list[str]:
             continue
         steps = [figures[f"{step}_ms"] for step in ("before", "protocol", "after", "between")]
         rows.append([figures["label"], *[f"{step['median']:.2f}" for step in steps]])
-    if not rows:
-        return []
     header = ["ms/test, step by step", "before", "protocol", "after", "between"]
-    lines = ["", *_table(header, rows)]
-    lines += _wrap(
+    return _subtable(
+        header,
+        rows,
         "One more session per row, timed at four points on one clock (medians over its tests): "
         "before = pytest's logstart to the start of the test's setup in its process (pytest's "
         "own steps, the fork, a sandbox's set-up); protocol = setup to the teardown report "
@@ -181,9 +177,14 @@ def _timeline(timeline: dict[str, Any]) -> list[str]:
         "process's exit, pytest reading the reports and its own steps); between = logfinish "
         "to the next test's logstart. Not the sessions of the table above: taking the "
         "timestamps costs the test process a few copied pages.",
-        "  ",
     )
-    return lines
+
+
+def _subtable(header: Sequence[str], rows: Sequence[Sequence[str]], note: str) -> list[str]:
+    """A table below a section's main one, with its note; nothing without rows."""
+    if not rows:
+        return []
+    return ["", *_table(header, rows), *_wrap(note, "  ")]
 
 
 def _floor(report: dict[str, Any]) -> list[str]:
