@@ -209,8 +209,6 @@ def _one_session(
 
 #: The rows whose tests are also timed step by step, in sessions of their own.
 TIMELINE_ROWS = ("inline", "fork", "full", "forked_inline", "forked")
-#: The steps of a test's way, between the probe plugin's four timestamps.
-TIMELINE_STEPS = ("before", "protocol", "after", "between")
 
 
 def measure_timelines(
@@ -244,7 +242,10 @@ def measure_timelines(
         }
         figures[key] = {"label": entry.row.label, "problem": None}
         figures[key].update(
-            {f"{step}_ms": summarize(steps[step]).scaled(1000).as_dict() for step in TIMELINE_STEPS}
+            {
+                f"{step}_ms": summarize(steps[step]).scaled(1000).as_dict()
+                for step in sessions.TIMELINE_STEPS
+            }
         )
     return figures
 

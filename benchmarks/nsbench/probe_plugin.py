@@ -81,6 +81,10 @@ def pytest_sessionstart(session: Any) -> None:
     _samples["session_start"] = footprint()
 
 
+def pytest_collection_finish(session: Any) -> None:
+    _samples["collected"] = footprint()
+
+
 def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
     _stamps.append(time.perf_counter())
     if len(_stamps) == 1:

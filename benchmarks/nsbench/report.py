@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nsbench.rows import ROWS
-from nsbench.sessions import CPU_PARTS
+from nsbench.sessions import CPU_PARTS, TIMELINE_STEPS
 
 MB = 1 << 20
 
@@ -164,7 +164,7 @@ def _timeline(timeline: dict[str, Any]) -> list[str]:
         if figures.get("problem"):
             rows.append([figures["label"], " ".join(figures["problem"].split())[:60], "", "", ""])
             continue
-        steps = [figures[f"{step}_ms"] for step in ("before", "protocol", "after", "between")]
+        steps = [figures[f"{step}_ms"] for step in TIMELINE_STEPS]
         rows.append([figures["label"], *[f"{step['median']:.2f}" for step in steps]])
     header = ["ms/test, step by step", "before", "protocol", "after", "between"]
     return _subtable(

@@ -77,6 +77,8 @@ def pytest_argv(python: str, project: Path, extra: Sequence[str] = ()) -> list[s
 
 #: Whose CPU time a session's is split into (SessionResult.cpu), in the report's order.
 CPU_PARTS = ("pytest", "tests", "helpers", "rest")
+#: The steps of a test's way between the probe plugin's four timestamps, in the report's order.
+TIMELINE_STEPS = ("before", "protocol", "after", "between")
 
 
 @dataclass
