@@ -162,7 +162,8 @@ def _timeline(timeline: dict[str, Any]) -> list[str]:
     rows = []
     for figures in timeline.values():
         if figures.get("problem"):
-            rows.append([figures["label"], " ".join(figures["problem"].split())[:60], "", "", ""])
+            problem = " ".join(figures["problem"].split())[:60]
+            rows.append([figures["label"], problem, *[""] * (len(TIMELINE_STEPS) - 1)])
             continue
         steps = [figures[f"{step}_ms"] for step in TIMELINE_STEPS]
         rows.append([figures["label"], *[f"{step['median']:.2f}" for step in steps]])
