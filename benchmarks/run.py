@@ -18,7 +18,8 @@ Sections, all measured in one run and compared only within it:
    process runs its setup, the protocol, after, between tests);
 2. the raw floor: the same system calls from a minimal Python process;
 3. overlay set-up time against the size of the rootdir, and copytree's;
-4. sustained throughput and the parent's RSS/fds over a long session;
+4. sustained throughput and the parent's RSS/fds over a long session, and
+   the same over a fork-only session of as many tests, the reference;
 5. ``-n 2`` against ``-n 0`` for the full sandbox;
 6. the memory of one sandboxed test in flight.
 
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nsbench import machine, memory, overlay, plainuser, sessions
 from nsbench.report import render
-from nsbench.rows import ROWS, Row
+from nsbench.rows import ROWS, STEPS_PLUGIN, Row
 from nsbench.stats import intervals, quantile, summarize
 
 CACHE = sessions.BENCH_DIR / ".cache"
@@ -387,11 +388,31 @@ def measure_overlay(top: Path, mode: Mode) -> dict[str, Any]:
 
 
 def measure_sustained(project: Path, total: int, window: int, scratch: Path) -> dict[str, Any]:
-    """One long full-sandbox session: tests/s over the first and last ``window``, RSS and fds."""
-    argv = sessions.pytest_argv(sys.executable, project, sessions.FULL_SANDBOX)
-    env = sessions.session_env(NSBENCH_SAMPLE_EVERY=str(window))
-    result = sessions.run_session(argv, env, total, scratch / "probe.json", 300 + 2.0 * total)
-    stamps = result.stamps
+    """One long full-sandbox session: tests/s over the first and last ``window``, RSS and fds.
+
+    Then the same tests in one fork-only session, as the reference: what a
+    fork per test loses over the session by itself (pytest keeps every
+    report, and every fork copies the page tables of all it keeps), so that
+    a slowdown of the sandbox can be told from pytest's own.
+    """
+    sessions_run = {}
+    for key, args, env in (
+        ("full", sessions.FULL_SANDBOX, {}),
+        ("fork_only", STEPS_PLUGIN, {"NSBENCH_STEP": "fork"}),
+    ):
+        argv = sessions.pytest_argv(sys.executable, project, args)
+        env = sessions.session_env(NSBENCH_SAMPLE_EVERY=str(window), **env)
+        result = sessions.run_session(argv, env, total, scratch / "probe.json", 300 + 2.0 * total)
+        sessions_run[key] = {
+            "wall_s": result.wall,
+            **_throughput(result.stamps, window),
+            "samples": result.samples,
+        }
+    return {"tests": total, "window": window, **sessions_run.pop("full"), **sessions_run}
+
+
+def _throughput(stamps: list[float], window: int) -> dict[str, Any]:
+    """Tests/s over the first and the last ``window`` of a session's logfinish timestamps."""
     first = window / (stamps[window] - stamps[0])
     last = window / (stamps[-1] - stamps[-1 - window])
     # Every window in between too: a trend tells a cost that grows from a load spike.
@@ -399,14 +420,10 @@ def measure_sustained(project: Path, total: int, window: int, scratch: Path) -> 
         window / (stamps[end] - stamps[end - window]) for end in range(window, len(stamps), window)
     ]
     return {
-        "tests": total,
-        "window": window,
-        "wall_s": result.wall,
         "first_per_s": first,
         "last_per_s": last,
         "ratio": last / first,
         "per_window_per_s": trend,
-        "samples": result.samples,
     }
 
 
@@ -421,7 +438,7 @@ def measure_memory(project: Path, sleep: float) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     cases: tuple[tuple[str, tuple[str, ...], dict[str, str], int], ...] = (
         ("full", sessions.FULL_SANDBOX, {}, 3 if os.geteuid() == 0 else 5),
-        ("fork", ("-p", "nsbench.steps_plugin"), {"NSBENCH_STEP": "fork"}, 1),
+        ("fork", STEPS_PLUGIN, {"NSBENCH_STEP": "fork"}, 1),
     )
     for key, args, env, processes in cases:
         argv = sessions.pytest_argv(sys.executable, project, args)
@@ -532,7 +549,7 @@ def run(args: argparse.Namespace, mode: Mode, scratch: Path) -> dict[str, Any]:
             log(f"overlay scaling: trees of {', '.join(map(str, mode.tree_sizes))} files")
             report["overlay"] = _guarded(lambda: measure_overlay(scratch, mode))
         if 4 in sections:
-            log(f"sustained: {mode.sustained} sandboxed tests in one session")
+            log(f"sustained: {mode.sustained} tests in one session, sandboxed, then fork-only")
             project = sessions.make_project(scratch / "sustained", mode.sustained, per_file=100)
             report["sustained"] = _guarded(
                 lambda: measure_sustained(project, mode.sustained, mode.window, scratch)

@@ -76,8 +76,15 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
     for level in ("ns", "overlay", "lo"):
         assert set(figures["floor"]["phases_ms"][level]) == {"build", "test", "teardown"}
     assert set(figures["overlay"]) == {"10", "50"}
-    assert figures["sustained"]["tests"] == 9
-    assert figures["sustained"]["first_per_s"] > 0
+    sustained = figures["sustained"]
+    assert sustained["tests"] == 9
+    # The full sandbox's session and the fork-only reference's: 9 timestamps, 2 whole windows.
+    for figures_of in (sustained, sustained["fork_only"]):
+        assert figures_of["first_per_s"] > 0
+        assert len(figures_of["per_window_per_s"]) == (9 - 1) // 3, figures_of
+        assert figures_of["ratio"] == pytest.approx(
+            figures_of["last_per_s"] / figures_of["first_per_s"]
+        )
     # As root: the session's factory, the sandbox's init (no outer), the test process.
     assert figures["memory"]["full"]["processes"] == 3
     assert figures["memory"]["full"]["unreadable"] == 0  # root may read a non-dumpable init
@@ -96,6 +103,12 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
     full = overhead["full"]["overhead_ms"]["median"]
     assert f"{full:.2f}" in report
     assert "CPU ms/test" in report and "cores busy" in report
+    for label, figures_of in (
+        ("full sandbox", sustained),
+        ("fork-only baseline", sustained["fork_only"]),
+    ):
+        assert f"{label} (wall {figures_of['wall_s']:.1f} s)" in report
+        assert f"last/first {figures_of['ratio']:.3f}" in report
     assert "CPU ms/test by whom" in report and "factory, inits" in report
     # Step by step: a forked test's "before" holds the fork (and the sandbox's set-up),
     # which an inline test's does not; each step was timed on every test but the first.
