@@ -70,6 +70,7 @@ _sethostname = _function("sethostname", ctypes.c_char_p, ctypes.c_size_t)
 _prctl = _function(
     "prctl", ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong
 )
+_sched_getcpu = _function("sched_getcpu")
 
 
 class StepError(OSError):
@@ -166,6 +167,14 @@ def prctl(option: int, arg: int) -> None:
     """prctl(2) with one argument."""
     if _prctl(option, arg, 0, 0, 0) < 0:
         _fail(f"prctl({option})")
+
+
+def current_cpu() -> int:
+    """sched_getcpu(3): the CPU the calling thread runs on now (glibc reads it from rseq)."""
+    cpu = _sched_getcpu()
+    if cpu < 0:
+        _fail("sched_getcpu")
+    return int(cpu)
 
 
 def set_process_name(name: str) -> None:

@@ -107,9 +107,11 @@ def run(
     # (until the child is gone) the parent's, so their pages stay shared
     # instead of being copied (fork's copy-on-write).
     gc.freeze()
+    affinity = _hold_this_cpu()
     try:
         pid = _fork_into(prepared, factory)
     except BaseException as exc:
+        _release_cpu(affinity)
         gc.unfreeze()
         os.close(read_fd)
         os.close(write_fd)
@@ -127,6 +129,7 @@ def run(
             closing,
             test_process,
             signal_resets,
+            affinity,
         )
     os.close(write_fd)
     try:
@@ -143,6 +146,7 @@ def run(
             _reap(pid, result)
         raise
     finally:
+        _release_cpu(affinity)
         os.close(read_fd)
         gc.unfreeze()
         if spec.privileged:
@@ -198,6 +202,34 @@ def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
             raise kernel.SandboxSetupError(step, exc.errno or 0, detail) from None
         raise
     return pid
+
+
+def _hold_this_cpu() -> set[int] | None:
+    """Keep pytest's thread on the CPU it runs on until its test process is reaped.
+
+    The test process is then born on that CPU, which pytest leaves to it as
+    it waits, and pytest wakes after it where it ran. Left to itself, fork
+    places the child on whichever CPU looks least loaded at that instant:
+    often the one where the factory has just woken to build the next
+    sandbox, which the test then waits for, with cold caches (see the
+    README's Performance). Returns the affinity to restore, which the test
+    process also restores, before anything of the test runs; None where
+    one CPU is all there is.
+    """
+    affinity = os.sched_getaffinity(0)
+    if len(affinity) < 2:
+        return None
+    try:
+        os.sched_setaffinity(0, (kernel.current_cpu(),))
+    except OSError:  # a CPU taken away meanwhile: the scheduler places the child
+        return None
+    return affinity
+
+
+def _release_cpu(affinity: set[int] | None) -> None:
+    """Give pytest's thread back the CPUs it had before :func:`_hold_this_cpu`."""
+    if affinity is not None:
+        sandbox.restore_affinity(affinity)
 
 
 def _fork() -> int:

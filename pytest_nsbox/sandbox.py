@@ -465,6 +465,7 @@ def run_test_process(
     inherited: tuple[int, ...],
     run_test: TestProcess,
     signal_resets: tuple[tuple[int, Any], ...],
+    affinity: set[int] | None,
 ) -> NoReturn:
     """The pytest process's child: join the prepared sandbox and run the test. Never returns.
 
@@ -474,7 +475,8 @@ def run_test_process(
     the test process there; it waits for the test and sends its exit status.
     ``inherited`` are the parent's descriptors of the sandbox: closed before
     the test runs; ``signal_resets`` are the handlers the test gets back
-    (see :func:`signals_to_reset`).
+    (see :func:`signals_to_reset`), ``affinity`` the CPUs it gets back
+    (pytest held to one CPU for the fork; None if it did not).
 
     pytest's child needs no parent-death signal of its own: pytest's death
     ends the factory (its parent-death signal), the factory's ends init
@@ -507,6 +509,8 @@ def run_test_process(
         for fd in inherited:
             os.close(fd)
         os.chdir(spec.cwd)  # enter the cwd through the overlay
+        if affinity is not None:
+            restore_affinity(affinity)
         run_test.prepare()
         if not spec.privileged:
             kernel.drop_capabilities()
@@ -524,6 +528,20 @@ def run_test_process(
         os._exit(EXIT_TEST_RUNNER_FAILED)
     _flush_std()
     os._exit(0)
+
+
+def restore_affinity(affinity: set[int]) -> None:
+    """Let the calling thread run on ``affinity`` again, or on every CPU its cpuset allows.
+
+    Setting the old set fails only if none of its CPUs is left to the
+    process (a cpuset changed meanwhile); then every CPU is asked for and
+    the kernel keeps those the cpuset allows, rather than leave the thread
+    on one CPU.
+    """
+    try:
+        os.sched_setaffinity(0, affinity)
+    except OSError:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
 
 def signals_to_reset() -> tuple[tuple[int, Any], ...]:

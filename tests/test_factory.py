@@ -298,6 +298,62 @@ class _Noop:
         pass
 
 
+class _ReportsAffinity:
+    """A test process that sleeps, then writes the CPUs it may run on to ``out``."""
+
+    def __init__(self, out: int) -> None:
+        self.out = out
+
+    def prepare(self) -> None:
+        pass
+
+    def run(self) -> None:
+        time.sleep(0.6)
+        os.write(self.out, json.dumps(sorted(os.sched_getaffinity(0))).encode())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to hold to")
+def test_pytest_holds_its_cpu_only_while_the_test_process_lives(tmp_path: Path) -> None:
+    """The test process is born on pytest's CPU, and gets every CPU pytest had back.
+
+    While the test process lives, pytest's thread may run only on one CPU
+    (seen here from another thread, as the test sleeps); after, it has its
+    own CPUs again, as the test process had all along.
+    """
+    import threading
+
+    from pytest_nsbox import runner
+    from pytest_nsbox.factory import SandboxFactory
+
+    own = os.sched_getaffinity(0)
+    spec = _spec_of(tmp_path, privileged=os.geteuid() == 0, isolate_network=True, list_writes=False)
+    main = threading.get_native_id()
+    during: list[set[int]] = []
+    sampler = threading.Timer(0.3, lambda: during.append(os.sched_getaffinity(main)))
+    read_end, write_end = os.pipe()
+    factory = SandboxFactory()
+    try:
+        prepared = factory.prepare(spec, None).wait()
+        assert prepared.setup_error is None, prepared.setup_error
+        try:
+            sampler.start()
+            result = runner.run(
+                prepared, lambda fd: _ReportsAffinity(write_end), factory=factory, timeout=30
+            )
+        finally:
+            sampler.join()
+            prepared.close()
+    finally:
+        factory.close()
+        os.close(write_end)
+    with os.fdopen(read_end) as seen:
+        in_test = set(json.loads(seen.read() or "[]"))
+    assert result.test_status == 0, result
+    assert len(during) == 1 and len(during[0]) == 1 and during[0] < own, during
+    assert in_test == own
+    assert os.sched_getaffinity(0) == own
+
+
 @needs_cgroups
 def test_init_with_news_stays_until_pytest_read_the_counters(tmp_path: Path) -> None:
     """Init that sent a report (here: the writes) exits only when pytest lets it go.

@@ -8,6 +8,7 @@ with ``userxattr``, capabilities dropped before the test runs.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -18,8 +19,6 @@ from pytest_nsbox import probe
 
 
 def write(project: Path, user: PlainUser, name: str, text: str) -> None:
-    import os
-
     path = project / name
     path.write_text(textwrap.dedent(text))
     os.chown(path, user.uid, user.gid)
@@ -100,11 +99,15 @@ def test_rootless_sandbox_end_to_end(plain_user: PlainUser, user_project: Path) 
 
         def test_repo_intact():
             assert (ROOT / "data.txt").read_text() == "original"
+
+        def test_cpu_affinity_is_pytests():
+            # pytest held itself to one CPU to fork the test, which gets all back.
+            assert os.sched_getaffinity(0) == set({sorted(os.sched_getaffinity(0))})
         """,
     )
     code, output = run_pytest(user_project, plain_user)
     assert code == 0, output
-    assert "7 passed" in output, output
+    assert "8 passed" in output, output
     assert (user_project / "data.txt").read_text() == "original"
     assert (user_project / "data.txt").stat().st_mode & 0o777 == 0o644
     assert "rootless" in output

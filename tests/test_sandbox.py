@@ -713,6 +713,29 @@ def test_signal_handlers_are_the_tests_own(pytester: pytest.Pytester) -> None:
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to hold to")
+def test_cpu_affinity_is_pytests(pytester: pytest.Pytester) -> None:
+    """pytest holds itself to one CPU to fork a test: the test and the tests after get all back."""
+    allowed = sorted(os.sched_getaffinity(0))
+    pytester.makepyfile(
+        f"""
+        import os
+        import pytest
+
+        ALLOWED = set({allowed})
+
+        @pytest.mark.nsbox
+        @pytest.mark.parametrize("n", range(3))
+        def test_sandboxed(n):
+            assert os.sched_getaffinity(0) == ALLOWED
+
+        def test_inline_after():
+            assert os.sched_getaffinity(0) == ALLOWED
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)
+
+
 def test_sandbox_processes_are_named(pytester: pytest.Pytester) -> None:
     """ps tells the sandbox's own processes from the tests: init is pid 1 of each sandbox."""
     pytester.makepyfile(
