@@ -11,7 +11,8 @@ Sections, all measured in one run and compared only within it:
 
 1. per-test overhead of N trivial tests, as whole pytest sessions, for plain
    pytest, a fork-only baseline, the nsbox engine layer by layer, the full
-   plugin, and pytest-forked 1.7.5 in a venv of its own (pytest 8.4); and,
+   plugin, and pytest-forked 1.7.5 in a venv of its own (pytest 8.4), with
+   the full plugin on that pytest too (a venv of its own); and,
    run as root, the plain user ``nsbox-tester``'s inline, fork-only and
    ``--nsbox`` sessions (the rootless path); and, in one more session per
    row for a few of them, each test's way step by step (before its test
@@ -209,6 +210,15 @@ def _one_session(
 
 
 #: The rows whose tests are also timed step by step, in sessions of their own.
+#: The venvs beside this interpreter's: what each is, how it is made, its report key.
+REFERENCE_VENVS: dict[str, tuple[str, Callable[[Path], tuple[str | None, str]], str]] = {
+    "forked": ("pytest-forked reference venv", sessions.ensure_forked_venv, "pytest_forked"),
+    "nsbox8": (
+        "the plugin's venv on pytest 8.4",
+        sessions.ensure_nsbox_on_pytest8_venv,
+        "nsbox_pytest8",
+    ),
+}
 TIMELINE_ROWS = ("inline", "fork", "full", "forked_inline", "forked")
 
 
@@ -508,7 +518,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, M
     parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes")
     parser.add_argument("--json", metavar="FILE", help="save every figure to FILE")
     parser.add_argument("--sections", default=",".join(map(str, ALL_SECTIONS)))
-    parser.add_argument("--no-pytest-forked", action="store_true", help="skip the reference venv")
+    parser.add_argument(
+        "--no-pytest-forked",
+        action="store_true",
+        help="skip the reference venvs (pytest-forked's, and the plugin's on pytest 8.4)",
+    )
     parser.add_argument(
         "--rows", help="only these rows of section 1 (keys: " + ", ".join(r.key for r in ROWS) + ")"
     )
@@ -599,15 +613,17 @@ def _sessions_and_floor(
         if isinstance(projects, str):
             skipped.update({r.key: projects for r in rows if r.user})
             projects = Projects(project, scratch)
-    if not args.no_pytest_forked and any(r.venv == "forked" for r in rows):
-        log("pytest-forked reference venv (created on first use)")
-        python, versions = sessions.ensure_forked_venv(CACHE)
-        report["pytest_forked"] = versions
-        if python is not None:
-            pythons["forked"] = python
+    for venv, (what, ensure, key) in REFERENCE_VENVS.items():
+        if not args.no_pytest_forked and any(r.venv == venv for r in rows):
+            log(f"{what} (created on first use)")
+            python, versions = ensure(CACHE)
+            report[key] = versions
+            if python is not None:
+                pythons[venv] = python
     for row in rows:
-        if row.venv == "forked" and "forked" not in pythons:
-            skipped[row.key] = report.get("pytest_forked") or "--no-pytest-forked"
+        if row.venv not in pythons:
+            why = report.get(REFERENCE_VENVS[row.venv][2])
+            skipped[row.key] = why or "--no-pytest-forked"
         elif (
             row.key not in ("inline", "fork", "inline_user", "fork_user")
             and report["nsbox_problem"]

@@ -53,6 +53,8 @@ def _header(report: dict[str, Any]) -> list[str]:
     ]
     if "pytest_forked" in report:
         lines.append(f"reference venv: {report['pytest_forked']}")
+    if "nsbox_pytest8" in report:
+        lines.append(f"the plugin's pytest 8 venv: {report['nsbox_pytest8']}")
     if report.get("nsbox_problem"):
         lines.append(f"nsbox cannot sandbox here: {report['nsbox_problem']}")
     lines.append(

@@ -16,7 +16,7 @@ class Row:
     key: str
     label: str
     how: str
-    venv: str  # "main" (this interpreter) or "forked" (the pytest-forked reference venv)
+    venv: str  # "main" (this interpreter), "forked" (pytest-forked's venv), "nsbox8" (see rows)
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     baseline: str = "inline"  # the inline row of the same venv, subtracted for the overhead
@@ -123,6 +123,24 @@ ROWS = (
         ("--forked",),
         baseline="forked_inline",
         floor="fork",
+    ),
+    Row(
+        "nsbox8_inline",
+        "pytest 8.4 inline, nsbox venv",
+        "pytest 8.4 and this project (editable) in a venv of their own (benchmarks/.cache), "
+        "inline: the baseline of the next row",
+        "nsbox8",
+        baseline="nsbox8_inline",
+    ),
+    Row(
+        "full8",
+        "nsbox (d) full, on pytest 8.4",
+        "the plugin as in (d), on pytest-forked's pytest 8.4 (the venv of the row above): "
+        "how much of the gap to pytest-forked is pytest's own",
+        "nsbox8",
+        FULL_SANDBOX,
+        baseline="nsbox8_inline",
+        floor="full",
     ),
     # The rootless path: what a user who runs pytest without root gets (CI
     # runners, laptops). Without cgroups delegated to the user there are no

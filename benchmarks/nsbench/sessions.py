@@ -187,13 +187,30 @@ def ensure_forked_venv(cache: Path) -> tuple[str | None, str]:
     pytest-forked 1.7.5 does not run on pytest 9, so it gets pytest 8.4 in a
     venv of its own under benchmarks/.cache (gitignored), reused by later runs.
     """
-    venv = cache / "pytest-forked-venv"
+    return _ensure_venv(cache / "pytest-forked-venv", FORKED_REQUIREMENTS, "pytest-forked")
+
+
+def ensure_nsbox_on_pytest8_venv(cache: Path) -> tuple[str | None, str]:
+    """This plugin on the reference venv's pytest, in a venv of its own: (its python, versions).
+
+    pytest-forked's row runs on pytest 8.4 and the plugin's on this
+    interpreter's pytest: the plugin's full sandbox on pytest 8.4 tells how
+    much of the gap between the two is pytest's own. The project is
+    installed editable, so that venv runs this tree's code; pytest-forked's
+    venv stays as its users have it.
+    """
+    requirements = (FORKED_REQUIREMENTS[0], "-e", str(BENCH_DIR.parent))
+    return _ensure_venv(cache / "nsbox-pytest8-venv", requirements, "pytest-nsbox")
+
+
+def _ensure_venv(venv: Path, requirements: Sequence[str], package: str) -> tuple[str | None, str]:
+    """A venv with ``requirements``, made once (a marker says it is complete), and its versions."""
     python = venv / "bin" / "python"
     marker = venv / ".nsbench-ready"
     if not marker.exists():
         steps = [
             [sys.executable, "-m", "venv", "--clear", str(venv)],
-            [str(python), "-m", "pip", "install", "-q", *FORKED_REQUIREMENTS],
+            [str(python), "-m", "pip", "install", "-q", *requirements],
         ]
         for step in steps:
             try:
@@ -205,7 +222,10 @@ def ensure_forked_venv(cache: Path) -> tuple[str | None, str]:
                 return None, f"{' '.join(step[:4])} failed: {lines[-1] if lines else '?'}"
         marker.write_text("ok\n")
     versions = subprocess.run(
-        [str(python), "-c", _VERSIONS], capture_output=True, text=True, timeout=60
+        [str(python), "-c", _VERSIONS.format(package=package)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if versions.returncode != 0:
         return None, f"the venv at {venv} is broken: {versions.stderr.strip()[-200:]}"
@@ -214,5 +234,5 @@ def ensure_forked_venv(cache: Path) -> tuple[str | None, str]:
 
 _VERSIONS = (
     "from importlib.metadata import version as v; "
-    "print(f\"pytest {v('pytest')}, pytest-forked {v('pytest-forked')}\")"
+    "print(f\"pytest {{v('pytest')}}, {package} {{v('{package}')}}\")"
 )
