@@ -209,7 +209,6 @@ def _one_session(
     return sessions.run_session(argv, env, n, probe_out, timeout, preexec, timeline_out)
 
 
-#: The rows whose tests are also timed step by step, in sessions of their own.
 #: The venvs beside this interpreter's: what each is, how it is made, its report key.
 REFERENCE_VENVS: dict[str, tuple[str, Callable[[Path], tuple[str | None, str]], str]] = {
     "forked": ("pytest-forked reference venv", sessions.ensure_forked_venv, "pytest_forked"),
@@ -219,6 +218,7 @@ REFERENCE_VENVS: dict[str, tuple[str, Callable[[Path], tuple[str | None, str]], 
         "nsbox_pytest8",
     ),
 }
+#: The rows whose tests are also timed step by step, in sessions of their own.
 TIMELINE_ROWS = ("inline", "fork", "full", "forked_inline", "forked")
 
 
@@ -405,7 +405,7 @@ def measure_sustained(project: Path, total: int, window: int, scratch: Path) -> 
     report, and every fork copies the page tables of all it keeps), so that
     a slowdown of the sandbox can be told from pytest's own.
     """
-    sessions_run = {}
+    sessions_run: dict[str, dict[str, Any]] = {}
     for key, args, env in (
         ("full", sessions.FULL_SANDBOX, {}),
         ("fork_only", STEPS_PLUGIN, {"NSBENCH_STEP": "fork"}),
