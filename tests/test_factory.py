@@ -346,8 +346,9 @@ def test_pytest_holds_its_cpu_only_while_the_test_process_lives(tmp_path: Path) 
     finally:
         factory.close()
         os.close(write_end)
-    with os.fdopen(read_end) as seen:
-        in_test = set(json.loads(seen.read() or "[]"))
+        with os.fdopen(read_end) as seen:
+            reported = seen.read()
+    in_test = set(json.loads(reported or "[]"))
     assert result.test_status == 0, result
     assert len(during) == 1 and len(during[0]) == 1 and during[0] < own, during
     assert in_test == own
