@@ -111,7 +111,7 @@ def run(
     try:
         pid = _fork_into(prepared, factory)
     except BaseException as exc:
-        _release_cpu(affinity)
+        sandbox.restore_affinity(affinity)
         gc.unfreeze()
         os.close(read_fd)
         os.close(write_fd)
@@ -146,7 +146,7 @@ def run(
             _reap(pid, result)
         raise
     finally:
-        _release_cpu(affinity)
+        sandbox.restore_affinity(affinity)
         os.close(read_fd)
         gc.unfreeze()
         if spec.privileged:
@@ -224,12 +224,6 @@ def _hold_this_cpu() -> set[int] | None:
     except OSError:  # a CPU taken away meanwhile: the scheduler places the child
         return None
     return affinity
-
-
-def _release_cpu(affinity: set[int] | None) -> None:
-    """Give pytest's thread back the CPUs it had before :func:`_hold_this_cpu`."""
-    if affinity is not None:
-        sandbox.restore_affinity(affinity)
 
 
 def _fork() -> int:

@@ -509,8 +509,7 @@ def run_test_process(
         for fd in inherited:
             os.close(fd)
         os.chdir(spec.cwd)  # enter the cwd through the overlay
-        if affinity is not None:
-            restore_affinity(affinity)
+        restore_affinity(affinity)
         run_test.prepare()
         if not spec.privileged:
             kernel.drop_capabilities()
@@ -530,14 +529,18 @@ def run_test_process(
     os._exit(0)
 
 
-def restore_affinity(affinity: set[int]) -> None:
+def restore_affinity(affinity: set[int] | None) -> None:
     """Let the calling thread run on ``affinity`` again, or on every CPU its cpuset allows.
 
+    ``affinity`` is what pytest's thread had before it held its CPU for a
+    fork (see :func:`pytest_nsbox.runner.run`); None if it did not hold one.
     Setting the old set fails only if none of its CPUs is left to the
     process (a cpuset changed meanwhile); then every CPU is asked for and
     the kernel keeps those the cpuset allows, rather than leave the thread
     on one CPU.
     """
+    if affinity is None:
+        return
     try:
         os.sched_setaffinity(0, affinity)
     except OSError:
