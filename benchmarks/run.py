@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nsbench import machine, memory, overlay, plainuser, sessions
 from nsbench.report import render
-from nsbench.rows import ROWS, STEPS_PLUGIN, Row
+from nsbench.rows import ROWS, Row
 from nsbench.stats import intervals, quantile, summarize
 
 CACHE = sessions.BENCH_DIR / ".cache"
@@ -194,6 +194,11 @@ def run_rounds(
                 entry.problem = f"session failed: {str(exc)[-1500:]}"
                 log(f"  {job.key} failed: {str(exc)[-400:]}")
     return runs
+
+
+def _row(key: str) -> Row:
+    """The row of section 1 or 5 with this key."""
+    return next(r for r in ROWS if r.key == key)
 
 
 def _one_session(
@@ -406,12 +411,9 @@ def measure_sustained(project: Path, total: int, window: int, scratch: Path) -> 
     a slowdown of the sandbox can be told from pytest's own.
     """
     sessions_run: dict[str, dict[str, Any]] = {}
-    for key, args, env in (
-        ("full", sessions.FULL_SANDBOX, {}),
-        ("fork_only", STEPS_PLUGIN, {"NSBENCH_STEP": "fork"}),
-    ):
-        argv = sessions.pytest_argv(sys.executable, project, args)
-        env = sessions.session_env(NSBENCH_SAMPLE_EVERY=str(window), **env)
+    for key, row in (("full", _row("full")), ("fork_only", _row("fork"))):
+        argv = sessions.pytest_argv(sys.executable, project, row.args)
+        env = sessions.session_env(NSBENCH_SAMPLE_EVERY=str(window), **row.env)
         result = sessions.run_session(argv, env, total, scratch / "probe.json", 300 + 2.0 * total)
         sessions_run[key] = {
             "wall_s": result.wall,
@@ -446,15 +448,13 @@ def measure_memory(project: Path, sleep: float) -> dict[str, Any]:
     more process): 3 as root, 5 for a plain user.
     """
     figures: dict[str, Any] = {}
-    cases: tuple[tuple[str, tuple[str, ...], dict[str, str], int], ...] = (
-        ("full", sessions.FULL_SANDBOX, {}, 3 if os.geteuid() == 0 else 5),
-        ("fork", STEPS_PLUGIN, {"NSBENCH_STEP": "fork"}, 1),
-    )
-    for key, args, env, processes in cases:
-        argv = sessions.pytest_argv(sys.executable, project, args)
+    cases = (("full", 3 if os.geteuid() == 0 else 5), ("fork", 1))
+    for key, processes in cases:
+        row = _row(key)
+        argv = sessions.pytest_argv(sys.executable, project, row.args)
         try:
             figures[key] = memory.sample_in_flight(
-                argv, str(project), sessions.session_env(**env), processes, settle=sleep / 3
+                argv, str(project), sessions.session_env(**row.env), processes, settle=sleep / 3
             )
         except RuntimeError as exc:
             figures[key] = {"problem": str(exc)[-800:]}
@@ -646,7 +646,7 @@ def _sessions_and_floor(
     if 1 in sections:
         report["timeline"] = measure_timelines(runs, projects, mode.n, pythons)
     for key, reason in skipped.items():
-        row = next(r for r in ROWS if r.key == key)
+        row = _row(key)
         table[key] = {"label": row.label, "how": row.how, "problem": f"unavailable: {reason}"}
     report["overhead"] = {r.key: table[r.key] for r in ROWS if r.key in table}
     report["n"] = mode.n

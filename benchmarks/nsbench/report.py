@@ -169,7 +169,7 @@ def _timeline(timeline: dict[str, Any]) -> list[str]:
             continue
         steps = [figures[f"{step}_ms"] for step in TIMELINE_STEPS]
         rows.append([figures["label"], *[f"{step['median']:.2f}" for step in steps]])
-    header = ["ms/test, step by step", "before", "protocol", "after", "between"]
+    header = ["ms/test, step by step", *TIMELINE_STEPS]
     return _subtable(
         header,
         rows,
