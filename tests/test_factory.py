@@ -298,14 +298,11 @@ class _Noop:
         pass
 
 
-class _ReportsAffinity:
+class _ReportsAffinity(_Noop):
     """A test process that sleeps, then writes the CPUs it may run on to ``out``."""
 
     def __init__(self, out: int) -> None:
         self.out = out
-
-    def prepare(self) -> None:
-        pass
 
     def run(self) -> None:
         time.sleep(0.6)
