@@ -579,6 +579,7 @@ class SandboxCgroup(ABC):
         self._attach_targets = tuple(os.fsencode(f"{path}/{attach_file}") for path in paths)
         self._kill_file = kill_file
         self._counters: dict[str, int] = {}  # counter file -> the descriptor init opened
+        self._birth_fd: int | None = None  # init's descriptor of birth_directory()
 
     def make(self) -> None:
         """mkdir the cgroup in every hierarchy and write its limits; undone if a step fails.
@@ -630,16 +631,29 @@ class SandboxCgroup(ABC):
         """Every file that :meth:`task_count` and :meth:`usage` read."""
         return (self._tasks_file(), *self._usage_files())
 
+    def birth_directory(self) -> str | None:
+        """The cgroup2 directory a test process can be cloned into; v1 has none.
+
+        See :func:`pytest_nsbox.kernel.fork_into_cgroup`.
+        """
+        return None
+
+    def descriptor_paths(self) -> tuple[str, ...]:
+        """What init opens for pytest: the counter files, then the birth directory if any."""
+        birth = self.birth_directory()
+        return self.counter_files() + ((birth,) if birth is not None else ())
+
     def open_counters(self) -> list[int]:
-        """In init, once the cgroup is made: a read-only descriptor of each counter file.
+        """In init, once the cgroup is made: a read-only descriptor of each descriptor path.
 
         Sent to pytest, which reads the counters through them after the
-        test (:meth:`use_counters`). The first open of each file of a cgroup
-        just made costs its lookup (a dentry and an inode, about 20 us), which
-        is off the test's path in init and on it in pytest.
+        test (:meth:`use_counters`) and clones the test into the directory.
+        The first open of each file of a cgroup just made costs its lookup
+        (a dentry and an inode, about 20 us), which is off the test's path
+        in init and on it in pytest.
         """
         fds: list[int] = []
-        for path in self.counter_files():
+        for path in self.descriptor_paths():
             try:
                 fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
             except OSError as exc:
@@ -650,16 +664,26 @@ class SandboxCgroup(ABC):
 
     def use_counters(self, fds: Sequence[int]) -> None:
         """In pytest: read the counters through ``fds``, init's :meth:`open_counters`."""
-        self._counters = dict(zip(self.counter_files(), fds, strict=True))
+        counters = self.counter_files()
+        self._counters = dict(zip(counters, fds[: len(counters)], strict=True))
+        birth = fds[len(counters) :]
+        self._birth_fd = birth[0] if birth else None
+
+    @property
+    def birth_fd(self) -> int | None:
+        """Init's descriptor of :meth:`birth_directory`, once pytest has it."""
+        return self._birth_fd
 
     def counter_descriptors(self) -> tuple[int, ...]:
-        return tuple(self._counters.values())
+        """Every descriptor of :meth:`use_counters` that pytest holds."""
+        own = tuple(self._counters.values())
+        return own if self._birth_fd is None else (*own, self._birth_fd)
 
     def close_counters(self) -> None:
         """Close the descriptors of :meth:`use_counters`; twice is fine."""
-        counters, self._counters = self._counters, {}
-        for fd in counters.values():
+        for fd in self.counter_descriptors():
             os.close(fd)
+        self._counters, self._birth_fd = {}, None
 
     def _read(self, path: str) -> str:
         """A counter file: through init's descriptor if there is one, else by its path.
@@ -858,6 +882,9 @@ class _SandboxV2(SandboxCgroup):
         kill_file = f"{path}/cgroup.kill" if files.kill else None
         super().__init__(limits, (path,), settings, kill_file)
         self._files = files
+
+    def birth_directory(self) -> str:
+        return self.paths[0]
 
     def _tasks_file(self) -> str:
         return f"{self.paths[0]}/pids.current"

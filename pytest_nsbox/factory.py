@@ -220,7 +220,7 @@ class PendingSandbox:
             return self._failed(frame.body, received)
         names = [*frame.body["namespaces"], *frame.body["mounts"]]
         counters = received[len(names) : -1]
-        wanted = 0 if self.cgroup is None else len(self.cgroup.counter_files())
+        wanted = 0 if self.cgroup is None else len(self.cgroup.descriptor_paths())
         if len(received) != len(names) + wanted + 1 or frame.body["counters"] != wanted:
             message = f"init sent {len(received)} descriptors for {len(names) + wanted + 1}"
             return self._failed({"step": "prepare the sandbox", "message": message}, received)

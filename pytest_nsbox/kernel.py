@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import sys
 from typing import Any, NoReturn
 
@@ -175,6 +176,90 @@ def current_cpu() -> int:
     if cpu < 0:
         _fail("sched_getcpu")
     return int(cpu)
+
+
+# -- fork straight into a cgroup2 cgroup --------------------------------------
+
+CLONE_INTO_CGROUP = 0x200000000
+_SYS_CLONE3 = 435  # the same number on every architecture (added after they were unified)
+
+
+class _CloneArgs(ctypes.Structure):
+    """struct clone_args up to its ``cgroup`` field (CLONE_ARGS_SIZE_VER2, Linux 5.7)."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags",
+            "pidfd",
+            "child_tid",
+            "parent_tid",
+            "exit_signal",
+            "stack",
+            "stack_size",
+            "tls",
+            "set_tid",
+            "set_tid_size",
+            "cgroup",
+        )
+    ]
+
+
+# Called with the GIL held (PyDLL), as os.fork calls fork(): the interpreter's
+# own fork hooks run on each side, and no other thread can run Python meanwhile.
+_syscall_holding_gil = ctypes.PyDLL(None, use_errno=True).syscall
+_syscall_holding_gil.restype = ctypes.c_long
+_syscall_holding_gil.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t]
+_before_fork = ctypes.pythonapi.PyOS_BeforeFork
+_after_fork_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
+_after_fork_child = ctypes.pythonapi.PyOS_AfterFork_Child
+for _hook in (_before_fork, _after_fork_parent, _after_fork_child):
+    _hook.argtypes, _hook.restype = [], None
+_pthread_sigmask = _function("pthread_sigmask", ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_SIG_BLOCK, _SIG_SETMASK = 0, 2
+_SIGSET_BYTES = 128
+_EVERY_SIGNAL = ctypes.create_string_buffer(_SIGSET_BYTES)
+_libc.sigfillset(_EVERY_SIGNAL)
+
+
+def fork_into_cgroup(cgroup_fd: int) -> int:
+    """os.fork(), with the child born in the cgroup2 directory ``cgroup_fd`` (clone3).
+
+    Moving a process afterwards (a write to ``cgroup.procs``) takes a lock
+    that every fork on the machine takes too; its first write after a quiet
+    moment waits for an RCU grace period, several ms. A child cloned with
+    ``CLONE_INTO_CGROUP`` never moves. Only for a single-threaded process:
+    this is the raw system call, without the C library's fork handlers,
+    which another thread's held locks would need. The interpreter's hooks
+    run as in os.fork (``os.register_at_fork`` callbacks included), with
+    every signal blocked across, so that a signal's Python handler cannot
+    run in the child before its hooks have cleared what the parent had
+    pending. Raises OSError in the parent (no child) where clone3 or
+    CLONE_INTO_CGROUP is missing (ENOSYS, E2BIG; ENOSYS or EPERM under a
+    seccomp filter) or the cgroup refuses the process.
+    """
+    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+    old_mask = ctypes.create_string_buffer(_SIGSET_BYTES)
+    sys.audit("os.fork")
+    if _pthread_sigmask(_SIG_BLOCK, _EVERY_SIGNAL, old_mask) != 0:
+        _fail("pthread_sigmask")
+    _before_fork()
+    pid = _syscall_holding_gil(_SYS_CLONE3, ctypes.addressof(args), ctypes.sizeof(args))
+    if pid == 0:
+        _after_fork_child()
+        _pthread_sigmask(_SIG_SETMASK, old_mask, None)
+        return 0
+    err = ctypes.get_errno()
+    _after_fork_parent()
+    _pthread_sigmask(_SIG_SETMASK, old_mask, None)
+    if pid < 0:
+        raise OSError(err, f"clone3(CLONE_INTO_CGROUP): {os.strerror(err)}")
+    return int(pid)
+
+
+def single_threaded() -> bool:
+    """Whether this process has one thread (``/proc/self/task`` links 2 + its threads)."""
+    return os.stat("/proc/self/task").st_nlink == 3
 
 
 def set_process_name(name: str) -> None:

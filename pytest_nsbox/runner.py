@@ -10,6 +10,7 @@ status, resource usage). Turning that into test reports is
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gc
 import os
@@ -30,6 +31,8 @@ _PIPE_SIZE = 1 << 20
 _DRAIN_SECONDS = 0.02
 _INIT_EXIT_GRACE = 0.2  # seconds init may take to finish dying (see _init_outlived)
 _FORK_WARNS = sys.version_info >= (3, 12)  # see _fork
+_clone_into_cgroup_refused = False  # see _fork_in_cgroup
+_NO_CLONE_INTO_CGROUP = {errno.ENOSYS, errno.E2BIG, errno.EPERM}
 
 
 @dataclass
@@ -109,7 +112,7 @@ def run(
     gc.freeze()
     affinity = _hold_this_cpu()
     try:
-        pid = _fork_into(prepared, factory)
+        pid, born_in_cgroup = _fork_into(prepared, factory)
     except BaseException as exc:
         sandbox.restore_affinity(affinity)
         gc.unfreeze()
@@ -124,7 +127,7 @@ def run(
         sandbox.run_test_process(
             spec,
             prepared.namespaces,
-            prepared.cgroup,
+            None if born_in_cgroup else prepared.cgroup,
             write_fd,
             closing,
             test_process,
@@ -185,13 +188,21 @@ def _init_lost(prepared: PreparedSandbox, factory: SandboxFactory) -> str:
     return "; ".join(filter(None, reasons))
 
 
-def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
-    """fork(); root's child is born in the sandbox's pid namespace, the parent stays in its own."""
+def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> tuple[int, bool]:
+    """fork(); root's child is born in the sandbox's pid namespace, the parent stays in its own.
+
+    Returns the pid and whether the child was born in the sandbox's cgroup
+    (see :func:`_fork_in_cgroup`); if not, it joins the cgroup itself.
+    """
     privileged = prepared.spec.privileged
     if privileged:
         kernel.setns(prepared.namespaces["pid"], kernel.CLONE_NEWPID, "pid, for the test")
+    birth_fd = prepared.cgroup.birth_fd if prepared.cgroup is not None else None
     try:
-        pid = _fork()
+        pid = _fork_in_cgroup(birth_fd) if birth_fd is not None else None
+        born_in_cgroup = pid is not None
+        if pid is None:
+            pid = _fork()
     except BaseException as exc:
         if privileged:
             _return_to_own_pid_namespace(factory)
@@ -201,7 +212,29 @@ def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> int:
             step = "fork the test process into the sandbox"
             raise kernel.SandboxSetupError(step, exc.errno or 0, detail) from None
         raise
-    return pid
+    return pid, born_in_cgroup
+
+
+def _fork_in_cgroup(birth_fd: int) -> int | None:
+    """The child's pid, cloned straight into the cgroup2 cgroup ``birth_fd``; None if it cannot be.
+
+    cgroup v2 only, and only while pytest has one thread (a pytest-xdist
+    worker has more): see :func:`pytest_nsbox.kernel.fork_into_cgroup`,
+    which saves the child's join a wait of up to an RCU grace period. Where
+    the kernel refuses, the child is forked and joins its cgroup as under
+    v1, which names any lasting refusal in the test's set-up error; where
+    it has no such clone3 (before 5.7, or a seccomp filter's ENOSYS or
+    EPERM), pytest stops asking for the session.
+    """
+    global _clone_into_cgroup_refused
+    if _clone_into_cgroup_refused or not kernel.single_threaded():
+        return None
+    try:
+        return kernel.fork_into_cgroup(birth_fd)
+    except OSError as exc:
+        if exc.errno in _NO_CLONE_INTO_CGROUP:
+            _clone_into_cgroup_refused = True
+        return None
 
 
 def _hold_this_cpu() -> set[int] | None:

@@ -329,7 +329,11 @@ def test_counters_read_the_same_through_inits_descriptors(
     by_path = cgroup.usage(), cgroup.task_count()
     cgroup.use_counters(cgroup.open_counters())
     descriptors = cgroup.counter_descriptors()
-    assert len(descriptors) == len(cgroup.counter_files()) >= 6
+    assert len(descriptors) == len(cgroup.descriptor_paths()) >= 6
+    birth = cgroup.birth_directory()
+    assert (cgroup.birth_fd is None) == (birth is None)  # v2's directory, for the clone
+    if cgroup.birth_fd is not None:
+        assert os.path.samestat(os.fstat(cgroup.birth_fd), os.stat(cgroup.paths[0]))
     try:
 
         def no_path(path: str) -> str:
@@ -703,6 +707,182 @@ def test_v2_processes_move_to_a_leaf(v2_manager: cgroups.CgroupManager) -> None:
         if os.path.isdir(leaf):
             os.rmdir(leaf)
         os.rmdir(scratch)
+
+
+# -- cloned straight into a cgroup2 cgroup: the host's controller-less cgroup2 too ----
+
+CLONE_CHECK = """
+import errno, json, os, signal, sys, threading
+from pytest_nsbox import kernel
+
+ran = []
+os.register_at_fork(
+    before=lambda: ran.append("before"),
+    after_in_parent=lambda: ran.append("parent"),
+    after_in_child=lambda: ran.append("child"),
+)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+target = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+read_end, write_end = os.pipe()
+pid = kernel.fork_into_cgroup(target)
+if pid == 0:
+    with open("/proc/self/cgroup") as membership:
+        born_in = next(line.strip()[3:] for line in membership if line.startswith("0::"))
+    thread = threading.Thread(target=ran.append, args=("thread",))
+    thread.start()
+    thread.join()
+    mask = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ()))
+    os.write(write_end, json.dumps({"cgroup": born_in, "ran": ran, "mask": mask}).encode())
+    os._exit(3)
+os.close(write_end)
+with os.fdopen(read_end) as reader:
+    child = json.loads(reader.read())
+_, status = os.waitpid(pid, 0)
+try:
+    kernel.fork_into_cgroup(os.open("/", os.O_RDONLY | os.O_DIRECTORY))
+except OSError as exc:
+    refused = errno.errorcode[exc.errno]
+forked = os.fork()  # the import lock and the fork hooks are as os.fork left them
+if forked == 0:
+    os._exit(0)
+os.waitpid(forked, 0)
+print(json.dumps({
+    "child": child,
+    "status": os.waitstatus_to_exitcode(status),
+    "refused": refused,
+    "ran": ran,
+    "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())),
+}))
+"""
+
+
+@pytest.fixture
+def cgroup2_child() -> Iterator[str]:
+    """A new cgroup2 directory below this process's own: the host's controller-less
+    cgroup2 hierarchy (as root), or the guest's cgroup; removed after the test."""
+    try:
+        path = os.path.join(own_cgroup2_dir(), f"clone-test-{os.getpid()}")
+        os.mkdir(path)
+    except (StopIteration, PermissionError) as exc:
+        if EXPECT_V2:
+            raise
+        pytest.skip(f"no cgroup2 directory this user may make one in: {exc!r}")
+    yield path
+    os.rmdir(path)
+
+
+def test_fork_into_cgroup_gives_a_child_born_there_as_os_fork_would(cgroup2_child: str) -> None:
+    """clone3(CLONE_INTO_CGROUP) from Python: the child is in the cgroup before its first line.
+
+    Otherwise it is os.fork's child: the interpreter's fork hooks ran on each
+    side (also when the kernel refused, as os.fork runs them), the child
+    can start threads, the signal mask is restored in both, the parent's
+    exit status comes back, and the parent forks normally after a refusal.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", CLONE_CHECK, cgroup2_child],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(Path(cgroups.__file__).parents[1])),
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    with open("/proc/self/cgroup") as membership:
+        own = next(line.strip()[3:] for line in membership if line.startswith("0::"))
+    assert seen["child"]["cgroup"] == os.path.join(own, os.path.basename(cgroup2_child)), seen
+    assert seen["child"]["ran"] == ["before", "child", "thread"]
+    assert seen["child"]["mask"] == [int(signal.SIGUSR1)]
+    assert seen["status"] == 3
+    assert seen["refused"] == "EBADF"  # "/" is no cgroup
+    assert seen["ran"] == ["before", "parent", "before", "parent", "before", "parent"]
+    assert seen["mask"] == [int(signal.SIGUSR1)]
+    assert read(f"{cgroup2_child}/cgroup.procs") == ""
+
+
+class _ReportsCgroup:
+    """A test process that writes its cgroup2 membership (/proc/self/cgroup's 0:: line)."""
+
+    def __init__(self, out: int) -> None:
+        self.out = out
+
+    def prepare(self) -> None:
+        pass
+
+    def run(self) -> None:
+        with open("/proc/self/cgroup") as membership:
+            line = next(line for line in membership if line.startswith("0::"))
+        os.write(self.out, line.strip().encode())
+
+
+@pytest.mark.parametrize("case", ["one-thread", "two-threads", "refused"])
+def test_v2_test_process_is_cloned_into_its_cgroup_while_pytest_has_one_thread(
+    v2_manager: cgroups.CgroupManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Under v2 the test process is born in its cgroup; beside another thread, it joins it.
+
+    So it does when the kernel refuses the clone (here: a descriptor of "/"
+    given as the cgroup's, EBADF). Either way it runs at the root of its
+    cgroup namespace, the test's cgroup. The clones are counted around the
+    real call.
+    """
+    import threading
+
+    from pytest_nsbox import kernel, runner, sandbox
+    from pytest_nsbox.factory import SandboxFactory
+
+    clones: list[int] = []
+    clone = kernel.fork_into_cgroup
+
+    def counted(cgroup_fd: int) -> int:
+        pid = clone(cgroup_fd)
+        if pid:
+            clones.append(pid)
+        return pid
+
+    monkeypatch.setattr(kernel, "fork_into_cgroup", counted)
+    spec = sandbox.build_spec(
+        rootdir=str(tmp_path),
+        cwd=str(tmp_path),
+        privileged=os.geteuid() == 0,
+        isolate_network=True,
+        hostname=None,
+        private_tmp=True,
+        tmp_size=16 << 20,
+        passthrough=(),
+        list_writes=False,
+    )
+    stop = threading.Event()
+    waiter = threading.Thread(target=stop.wait)
+    read_end, write_end = os.pipe()
+    factory = SandboxFactory()
+    try:
+        prepared = factory.prepare(spec, v2_manager.plan(Limits(memory=64 * MiB))).wait()
+        assert prepared.setup_error is None, prepared.setup_error
+        assert prepared.cgroup is not None and prepared.cgroup.birth_fd is not None
+        try:
+            if case == "refused":
+                root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                os.dup2(root, prepared.cgroup.birth_fd, inheritable=False)
+                os.close(root)
+            if case == "two-threads":
+                waiter.start()
+            result = runner.run(
+                prepared, lambda fd: _ReportsCgroup(write_end), factory=factory, timeout=120
+            )
+        finally:
+            stop.set()
+            if waiter.is_alive():
+                waiter.join()
+            prepared.close()
+    finally:
+        factory.close()
+        os.close(write_end)
+        with os.fdopen(read_end) as reader:
+            reported = reader.read()
+    assert result.test_status == 0, result
+    assert reported == "0::/"
+    assert len(clones) == (1 if case == "one-thread" else 0)
 
 
 # -- a fake cgroup2 tree: the v2 logic a v1 host cannot reach --------------------
