@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import pytest
 
-from pytest_nsbox import kernel
+from pytest_nsbox import kernel, sandbox
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from nsbench import plainuser  # shared with the benchmark's rootless rows
@@ -164,3 +164,20 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def project_spec(
+    root: Path, *, privileged: bool, isolate_network: bool, list_writes: bool
+) -> sandbox.SandboxSpec:
+    """A sandbox of the project ``root``, run from there: private /tmp, no hostname."""
+    return sandbox.build_spec(
+        rootdir=str(root),
+        cwd=str(root),
+        privileged=privileged,
+        isolate_network=isolate_network,
+        hostname=None,
+        private_tmp=True,
+        tmp_size=16 << 20,
+        passthrough=(),
+        list_writes=list_writes,
+    )

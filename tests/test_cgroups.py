@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from conftest import PlainUser, run_in_fork_as
+from conftest import PlainUser, project_spec, run_in_fork_as
 
 from pytest_nsbox import cgroups
 from pytest_nsbox.cgroups import CgroupError, CgroupUnavailable, Limits, Usage
@@ -828,7 +828,7 @@ def test_v2_test_process_is_cloned_into_its_cgroup_while_pytest_has_one_thread(
     """
     import threading
 
-    from pytest_nsbox import kernel, runner, sandbox
+    from pytest_nsbox import kernel, runner
     from pytest_nsbox.factory import SandboxFactory
 
     clones: list[int] = []
@@ -841,16 +841,8 @@ def test_v2_test_process_is_cloned_into_its_cgroup_while_pytest_has_one_thread(
         return pid
 
     monkeypatch.setattr(kernel, "fork_into_cgroup", counted)
-    spec = sandbox.build_spec(
-        rootdir=str(tmp_path),
-        cwd=str(tmp_path),
-        privileged=os.geteuid() == 0,
-        isolate_network=True,
-        hostname=None,
-        private_tmp=True,
-        tmp_size=16 << 20,
-        passthrough=(),
-        list_writes=False,
+    spec = project_spec(
+        tmp_path, privileged=os.geteuid() == 0, isolate_network=True, list_writes=False
     )
     stop = threading.Event()
     waiter = threading.Thread(target=stop.wait)

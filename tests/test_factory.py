@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PlainUser, cgroup_session_dirs, run_as
+from conftest import PlainUser, cgroup_session_dirs, project_spec, run_as
 
 from pytest_nsbox import cgroups, kernel, sandbox
 
@@ -242,23 +242,6 @@ def test_no_factory_or_sandbox_descriptor_reaches_the_test_rootless(
     assert "rootless" in output, output
 
 
-def _spec_of(
-    root: Path, *, privileged: bool, isolate_network: bool, list_writes: bool
-) -> sandbox.SandboxSpec:
-    """A sandbox of the project ``root``, run from there: private /tmp, no hostname."""
-    return sandbox.build_spec(
-        rootdir=str(root),
-        cwd=str(root),
-        privileged=privileged,
-        isolate_network=isolate_network,
-        hostname=None,
-        private_tmp=True,
-        tmp_size=16 << 20,
-        passthrough=(),
-        list_writes=list_writes,
-    )
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="root's init is forked by the factory itself")
 def test_init_keeps_nothing_of_the_factory(tmp_path: Path) -> None:
     """Root's init, forked straight from the factory, holds one socket (its channel) and no home.
@@ -270,7 +253,7 @@ def test_init_keeps_nothing_of_the_factory(tmp_path: Path) -> None:
     from pytest_nsbox import runner
     from pytest_nsbox.factory import SandboxFactory
 
-    spec = _spec_of(tmp_path, privileged=True, isolate_network=False, list_writes=False)
+    spec = project_spec(tmp_path, privileged=True, isolate_network=False, list_writes=False)
     factory = SandboxFactory()
     try:
         prepared = factory.prepare(spec, None).wait()
@@ -323,7 +306,9 @@ def test_pytest_holds_its_cpu_only_while_the_test_process_lives(tmp_path: Path) 
     from pytest_nsbox.factory import SandboxFactory
 
     own = os.sched_getaffinity(0)
-    spec = _spec_of(tmp_path, privileged=os.geteuid() == 0, isolate_network=True, list_writes=False)
+    spec = project_spec(
+        tmp_path, privileged=os.geteuid() == 0, isolate_network=True, list_writes=False
+    )
     main = threading.get_native_id()
     during: list[set[int]] = []
     sampler = threading.Timer(0.3, lambda: during.append(os.sched_getaffinity(main)))
@@ -362,7 +347,9 @@ def test_init_with_news_stays_until_pytest_read_the_counters(tmp_path: Path) -> 
     from pytest_nsbox import runner
     from pytest_nsbox.factory import SandboxFactory
 
-    spec = _spec_of(tmp_path, privileged=os.geteuid() == 0, isolate_network=True, list_writes=True)
+    spec = project_spec(
+        tmp_path, privileged=os.geteuid() == 0, isolate_network=True, list_writes=True
+    )
     manager = cgroups.open_manager()
     factory = SandboxFactory()
     try:
@@ -1487,7 +1474,7 @@ def test_a_sandbox_given_up_by_a_dying_factory_names_its_end(tmp_path: Path) -> 
             )
             return [sys.executable, "-I", "-S", "-c", code]
 
-    spec = _spec_of(
+    spec = project_spec(
         tmp_path, privileged=os.geteuid() == 0, isolate_network=False, list_writes=False
     )
     factory = DyingFactory()
