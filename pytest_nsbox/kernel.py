@@ -241,8 +241,9 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
     args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
     old_mask = ctypes.create_string_buffer(_SIGSET_BYTES)
     sys.audit("os.fork")
-    if _pthread_sigmask(_SIG_BLOCK, _EVERY_SIGNAL, old_mask) != 0:
-        _fail("pthread_sigmask")
+    failed = _pthread_sigmask(_SIG_BLOCK, _EVERY_SIGNAL, old_mask)
+    if failed:  # pthread_sigmask returns the error number; errno is left alone
+        raise SandboxSetupError("pthread_sigmask (block every signal)", failed)
     _before_fork()
     pid = _syscall_holding_gil(_SYS_CLONE3, ctypes.addressof(args), ctypes.sizeof(args))
     if pid == 0:
