@@ -776,7 +776,7 @@ def test_fork_into_cgroup_gives_a_child_born_there_as_os_fork_would(cgroup2_chil
 
     Otherwise it is os.fork's child: the interpreter's fork hooks ran on each
     side (also when the kernel refused, as os.fork runs them), the child
-    can start threads, the signal mask is restored in both, the parent's
+    can start threads, the signal mask is restored in both, the child's
     exit status comes back, and the parent forks normally after a refusal.
     """
     done = subprocess.run(
