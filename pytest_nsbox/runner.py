@@ -21,10 +21,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_nsbox import kernel, protocol, sandbox
 from pytest_nsbox.factory import PreparedSandbox, SandboxFactory
+
+if TYPE_CHECKING:
+    from pytest_nsbox.cgroups import SandboxCgroup
 
 _READ_CHUNK = 1 << 20
 _PIPE_SIZE = 1 << 20
@@ -197,12 +200,9 @@ def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> tuple[int,
     privileged = prepared.spec.privileged
     if privileged:
         kernel.setns(prepared.namespaces["pid"], kernel.CLONE_NEWPID, "pid, for the test")
-    birth_fd = prepared.cgroup.birth_fd if prepared.cgroup is not None else None
     try:
-        pid = _fork_in_cgroup(birth_fd) if birth_fd is not None else None
-        born_in_cgroup = pid is not None
-        if pid is None:
-            pid = _fork()
+        cloned = _fork_in_cgroup(prepared.cgroup)
+        pid = _fork() if cloned is None else cloned
     except BaseException as exc:
         if privileged:
             _return_to_own_pid_namespace(factory)
@@ -212,22 +212,24 @@ def _fork_into(prepared: PreparedSandbox, factory: SandboxFactory) -> tuple[int,
             step = "fork the test process into the sandbox"
             raise kernel.SandboxSetupError(step, exc.errno or 0, detail) from None
         raise
-    return pid, born_in_cgroup
+    return pid, cloned is not None
 
 
-def _fork_in_cgroup(birth_fd: int) -> int | None:
-    """The child's pid, cloned straight into the cgroup2 cgroup ``birth_fd``; None if it cannot be.
+def _fork_in_cgroup(cgroup: SandboxCgroup | None) -> int | None:
+    """The child's pid, cloned straight into ``cgroup``; None if it cannot be.
 
-    cgroup v2 only, and only while pytest has one thread (a pytest-xdist
-    worker has more): see :func:`pytest_nsbox.kernel.fork_into_cgroup`,
-    which saves the child's join a wait of up to an RCU grace period. Where
+    cgroup v2 only (its ``birth_fd``), and only while pytest has one thread
+    (a pytest-xdist worker has more): see
+    :func:`pytest_nsbox.kernel.fork_into_cgroup`, which saves the child's
+    join a wait of up to an RCU grace period. Where
     the kernel refuses, the child is forked and joins its cgroup as under
     v1, which names any lasting refusal in the test's set-up error; where
     it has no such clone3 (before 5.7, or a seccomp filter's ENOSYS or
     EPERM), pytest stops asking for the session.
     """
     global _clone_into_cgroup_refused
-    if _clone_into_cgroup_refused or not kernel.single_threaded():
+    birth_fd = None if cgroup is None else cgroup.birth_fd
+    if birth_fd is None or _clone_into_cgroup_refused or not kernel.single_threaded():
         return None
     try:
         return kernel.fork_into_cgroup(birth_fd)
