@@ -8,6 +8,7 @@ ids with setgid/setuid: no second interpreter has to be reachable by the user.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import pwd
@@ -18,7 +19,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
@@ -26,6 +27,11 @@ from pytest_nsbox import kernel, sandbox
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from nsbench import plainuser  # shared with the benchmark's rootless rows
+
+if TYPE_CHECKING:
+    from pytest_nsbox.cgroups import SandboxCgroup
+    from pytest_nsbox.factory import PreparedSandbox
+    from pytest_nsbox.runner import SandboxRun
 
 PR_SET_DUMPABLE = 4
 PLAIN_USER = plainuser.PLAIN_USER
@@ -181,3 +187,42 @@ def project_spec(
         passthrough=(),
         list_writes=list_writes,
     )
+
+
+def run_one_test_process(
+    spec: sandbox.SandboxSpec,
+    cgroup: SandboxCgroup | None,
+    test_process: Callable[[int], sandbox.TestProcess],
+    *,
+    timeout: float,
+    beside: Callable[[PreparedSandbox], contextlib.AbstractContextManager[None]] = (
+        lambda prepared: contextlib.nullcontext()
+    ),
+) -> tuple[SandboxRun, str]:
+    """One test process in a sandbox of a factory of its own: its run, and what it wrote.
+
+    ``test_process(out)`` is what the test process runs, writing to ``out``;
+    ``beside(prepared)`` is entered just before the fork and left once the
+    test process has been reaped, before the sandbox is let go.
+    """
+    from pytest_nsbox import runner
+    from pytest_nsbox.factory import SandboxFactory
+
+    read_end, write_end = os.pipe()
+    factory = SandboxFactory()
+    try:
+        prepared = factory.prepare(spec, cgroup).wait()
+        assert prepared.setup_error is None, prepared.setup_error
+        try:
+            with beside(prepared):
+                result = runner.run(
+                    prepared, lambda fd: test_process(write_end), factory=factory, timeout=timeout
+                )
+        finally:
+            prepared.close()
+    finally:
+        factory.close()
+        os.close(write_end)
+        with os.fdopen(read_end) as reader:
+            written = reader.read()
+    return result, written

@@ -28,14 +28,17 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
-from conftest import PlainUser, project_spec, run_in_fork_as
+from conftest import PlainUser, project_spec, run_in_fork_as, run_one_test_process
 
 from pytest_nsbox import cgroups
 from pytest_nsbox.cgroups import CgroupError, CgroupUnavailable, Limits, Usage
 from pytest_nsbox.sandbox import reap_exited
+
+if TYPE_CHECKING:
+    from pytest_nsbox.factory import PreparedSandbox
 
 MiB = 1024 * 1024
 EXPECT_V2 = os.environ.get("NSBOX_EXPECT_CGROUP_V2") == "1"
@@ -828,8 +831,7 @@ def test_v2_test_process_is_cloned_into_its_cgroup_while_pytest_has_one_thread(
     """
     import threading
 
-    from pytest_nsbox import kernel, runner
-    from pytest_nsbox.factory import SandboxFactory
+    from pytest_nsbox import kernel
 
     clones: list[int] = []
     clone = kernel.fork_into_cgroup
@@ -844,34 +846,29 @@ def test_v2_test_process_is_cloned_into_its_cgroup_while_pytest_has_one_thread(
     spec = project_spec(
         tmp_path, privileged=os.geteuid() == 0, isolate_network=True, list_writes=False
     )
-    stop = threading.Event()
-    waiter = threading.Thread(target=stop.wait)
-    read_end, write_end = os.pipe()
-    factory = SandboxFactory()
-    try:
-        prepared = factory.prepare(spec, v2_manager.plan(Limits(memory=64 * MiB))).wait()
-        assert prepared.setup_error is None, prepared.setup_error
+
+    @contextlib.contextmanager
+    def as_the_case_says(prepared: PreparedSandbox) -> Iterator[None]:
         assert prepared.cgroup is not None and prepared.cgroup.birth_fd is not None
+        if case == "refused":
+            root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.dup2(root, prepared.cgroup.birth_fd, inheritable=False)
+            os.close(root)
+        stop = threading.Event()
+        waiter = threading.Thread(target=stop.wait)
+        if case == "two-threads":
+            waiter.start()
         try:
-            if case == "refused":
-                root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                os.dup2(root, prepared.cgroup.birth_fd, inheritable=False)
-                os.close(root)
-            if case == "two-threads":
-                waiter.start()
-            result = runner.run(
-                prepared, lambda fd: _ReportsCgroup(write_end), factory=factory, timeout=120
-            )
+            yield
         finally:
             stop.set()
             if waiter.is_alive():
                 waiter.join()
-            prepared.close()
-    finally:
-        factory.close()
-        os.close(write_end)
-        with os.fdopen(read_end) as reader:
-            reported = reader.read()
+
+    cgroup = v2_manager.plan(Limits(memory=64 * MiB))
+    result, reported = run_one_test_process(
+        spec, cgroup, _ReportsCgroup, timeout=120, beside=as_the_case_says
+    )
     assert result.test_status == 0, result
     assert reported == "0::/"
     assert len(clones) == (1 if case == "one-thread" else 0)

@@ -11,6 +11,7 @@ real (namespaces, overlay, cgroups); the rootless ones run as ``nsbox-tester``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,12 +21,17 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PlainUser, cgroup_session_dirs, project_spec, run_as
+from conftest import PlainUser, cgroup_session_dirs, project_spec, run_as, run_one_test_process
 
 from pytest_nsbox import cgroups, kernel, sandbox
+
+if TYPE_CHECKING:
+    from pytest_nsbox.factory import PreparedSandbox
 
 try:
     cgroups.open_manager().close()
@@ -302,9 +308,6 @@ def test_pytest_holds_its_cpu_only_while_the_test_process_lives(tmp_path: Path) 
     """
     import threading
 
-    from pytest_nsbox import runner
-    from pytest_nsbox.factory import SandboxFactory
-
     own = os.sched_getaffinity(0)
     spec = project_spec(
         tmp_path, privileged=os.geteuid() == 0, isolate_network=True, list_writes=False
@@ -312,24 +315,18 @@ def test_pytest_holds_its_cpu_only_while_the_test_process_lives(tmp_path: Path) 
     main = threading.get_native_id()
     during: list[set[int]] = []
     sampler = threading.Timer(0.3, lambda: during.append(os.sched_getaffinity(main)))
-    read_end, write_end = os.pipe()
-    factory = SandboxFactory()
-    try:
-        prepared = factory.prepare(spec, None).wait()
-        assert prepared.setup_error is None, prepared.setup_error
+
+    @contextlib.contextmanager
+    def sampling(prepared: PreparedSandbox) -> Iterator[None]:
+        sampler.start()
         try:
-            sampler.start()
-            result = runner.run(
-                prepared, lambda fd: _ReportsAffinity(write_end), factory=factory, timeout=30
-            )
+            yield
         finally:
             sampler.join()
-            prepared.close()
-    finally:
-        factory.close()
-        os.close(write_end)
-        with os.fdopen(read_end) as seen:
-            reported = seen.read()
+
+    result, reported = run_one_test_process(
+        spec, None, _ReportsAffinity, timeout=30, beside=sampling
+    )
     in_test = set(json.loads(reported or "[]"))
     assert result.test_status == 0, result
     assert len(during) == 1 and len(during[0]) == 1 and during[0] < own, during
