@@ -22,7 +22,9 @@ Sections, all measured in one run and compared only within it:
 4. sustained throughput and the parent's RSS/fds over a long session, and
    the same over a fork-only session of as many tests, the reference;
 5. ``-n 2`` against ``-n 0`` for the full sandbox;
-6. the memory of one sandboxed test in flight.
+6. the memory of one sandboxed test in flight;
+7. how long a new process takes to get into a test's cgroup, by the way it
+   gets there (v1's ``tasks``, ``cgroup.procs``, born there by clone3).
 
 Sessions of section 1 (with the raw floor and section 5) run in rounds, in a
 new random order each round; a row's overhead per test in a round is
@@ -56,14 +58,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nsbench import machine, memory, overlay, plainuser, sessions
+from nsbench import cgroupmove, machine, memory, overlay, plainuser, sessions
 from nsbench.report import render
 from nsbench.rows import ROWS, Row
 from nsbench.stats import intervals, quantile, summarize
 
 CACHE = sessions.BENCH_DIR / ".cache"
 RAWFLOOR = sessions.BENCH_DIR / "nsbench" / "rawfloor.py"
-ALL_SECTIONS = (1, 2, 3, 4, 5, 6)
+ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7)
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,11 @@ class Mode:
     copy_reps: int
     floor_iterations: int  # per round
     sleep: float
+    moves: int  # section 7: of each way, at each pace
 
 
-DEFAULT = Mode(500, 3, 5000, 500, (10, 1_000, 50_000), 40, 3, 60, 3.0)
-QUICK = Mode(60, 2, 300, 100, (10, 1_000, 5_000), 25, 1, 10, 1.5)
+DEFAULT = Mode(500, 3, 5000, 500, (10, 1_000, 50_000), 40, 3, 60, 3.0, 100)
+QUICK = Mode(60, 2, 300, 100, (10, 1_000, 5_000), 25, 1, 10, 1.5, 20)
 
 _started = time.monotonic()
 
@@ -533,11 +536,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, M
     parser.add_argument("--floor-iterations", type=int, help="raw-floor iterations per round")
     parser.add_argument("--tree-sizes", help="comma-separated file counts, e.g. 10,1000,50000")
     parser.add_argument("--sleep", type=float, help="seconds the memory section's test sleeps")
+    parser.add_argument("--moves", type=int, help="section 7's moves of each way at each pace")
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else DEFAULT
     overrides: dict[str, Any] = {
         field: getattr(args, field)
-        for field in ("n", "reps", "sustained", "window", "set_up_reps", "copy_reps", "sleep")
+        for field in (
+            "n",
+            "reps",
+            "sustained",
+            "window",
+            "set_up_reps",
+            "copy_reps",
+            "sleep",
+            "moves",
+        )
         if getattr(args, field) is not None
     }
     if args.floor_iterations is not None:
@@ -573,6 +586,13 @@ def run(args: argparse.Namespace, mode: Mode, scratch: Path) -> dict[str, Any]:
             body = f"__import__('time').sleep({mode.sleep})"
             project = sessions.make_project(scratch / "memory", 1, body=body)
             report["memory"] = _guarded(lambda: measure_memory(project, mode.sleep))
+        if 7 in sections:
+            log("moving into a cgroup: tasks, cgroup.procs, born there")
+            report["moves"] = (
+                {"problem": f"no cgroups: {manager}"}
+                if isinstance(manager, str)
+                else _guarded(lambda: cgroupmove.measure_moves(manager, mode.moves, log))
+            )
     finally:
         if not isinstance(manager, str):
             manager.close()

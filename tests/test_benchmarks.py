@@ -26,7 +26,7 @@ TINY = [
     "--n=6",
     "--reps=1",
     "--rows=fork,full,fork_user,full_user,full8",
-    "--sections=1,2,3,4,6",
+    "--sections=1,2,3,4,6,7",
     "--sustained=9",
     "--window=3",
     "--tree-sizes=10,50",
@@ -34,6 +34,7 @@ TINY = [
     "--set-up-reps=1",
     "--copy-reps=1",
     "--sleep=0.6",
+    "--moves=3",
     "--no-pytest-forked",
 ]
 
@@ -97,6 +98,22 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
         "test": 1,
     }
     assert all(f["rss"] > 0 for f in parts.values()), parts
+    # Every way of getting into a cgroup was measured here, or is named as missing with why;
+    # a child's own write lies inside its fork-to-message time, so its quantiles are below.
+    moves = figures["moves"]
+    assert set(moves["paces"]) == {"10", "50"}, moves
+    for ways in moves["paces"].values():
+        assert set(ways) | set(moves["missing"]) == {"tasks", "cgroup.procs", "clone"}, moves
+        assert not set(ways) & set(moves["missing"]), moves
+        assert {"cgroup.procs", "clone"} <= set(ways), moves  # root, v1 controllers or v2
+        for way, measured in ways.items():
+            assert measured["moves"] == measured["in_cgroup_ms"]["n"] == 3, measured
+            if way == "clone":
+                assert measured["move_ms"] is None, measured
+                continue
+            for q in ("p10", "median", "p90"):
+                assert 0 < measured["move_ms"][q] < measured["in_cgroup_ms"][q], measured
+            assert 0 <= measured["slow"] <= 3, measured
 
     report = done.stdout
     assert report.startswith("pytest-nsbox benchmark\nmachine: ")
@@ -127,6 +144,8 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
     assert "ms/test, step by step" in report
     assert f"{timeline['full']['before_ms']['median']:.2f}" in report
     assert re.search(r"full sandbox: init \(and a plain user's outer\) +1 ", report), report
+    clone_10 = moves["paces"]["10"]["clone"]["in_cgroup_ms"]["median"]
+    assert re.search(rf"clone +10 ms +{clone_10:.3f} .* -\n", report), report
 
 
 # What a test of the generated project sees of its sandbox, against $NSBENCH_STEP.

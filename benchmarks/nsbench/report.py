@@ -438,6 +438,39 @@ _PART_NAMES = {
 }
 
 
+def _moves(report: dict[str, Any]) -> list[str]:
+    moves = report.get("moves")
+    if not moves:
+        return []
+    lines = [
+        "",
+        "7. Into a test's cgroup: from the fork (clone) until the child says it is in, and the "
+        "child's own write, the move (ms); the ways take turns, each once per pace",
+    ]
+    if "problem" in moves:
+        return lines + _wrap(moves["problem"], "  ")
+    rows = []
+    for pace, ways in moves["paces"].items():
+        for way, figures in ways.items():
+            moved = figures["move_ms"]
+            rows.append(
+                [
+                    way,
+                    f"{pace} ms",
+                    _band(figures["in_cgroup_ms"], ".3f"),
+                    _band(moved, ".3f"),
+                    f"{figures['slowest_ms']:.2f}",
+                    "-" if moved is None else f"{figures['slow']} of {figures['moves']}",
+                ]
+            )
+    slow = f"moves over {moves['slow_ms']:g} ms"
+    header = ["way", "pace", "in its cgroup after", "the move", "slowest", slow]
+    lines += _table(header, rows)
+    for way, why in moves["missing"].items():
+        lines.append(f"  {way}: not here ({why})")
+    return lines
+
+
 def _targets(report: dict[str, Any]) -> list[str]:
     lines = ["", "Targets"]
     for t in report["targets"]:
@@ -448,7 +481,7 @@ def _targets(report: dict[str, Any]) -> list[str]:
 
 def render(report: dict[str, Any]) -> str:
     lines = _header(report)
-    for part in (_overhead, _floor, _overlay, _sustained, _xdist, _memory, _targets):
+    for part in (_overhead, _floor, _overlay, _sustained, _xdist, _memory, _moves, _targets):
         lines += part(report)
     if "elapsed_s" in report:
         lines += ["", f"elapsed: {report['elapsed_s']:.0f} s"]
