@@ -312,6 +312,28 @@ def _own_v2_dir(mounts: Sequence[_Mount], memberships: dict[str, str]) -> str | 
     return None
 
 
+def cgroup2_mount_of(path: str) -> tuple[str, bool] | None:
+    """(mount point, mounted with ``favordynmods``) of the cgroup2 mount that holds ``path``.
+
+    Moving a process into a cgroup2 cgroup (a write to ``cgroup.procs``)
+    takes a lock that every fork and exit on the machine takes too, and the
+    first move after a quiet moment waits for an RCU grace period, several
+    ms. ``favordynmods`` (Linux 6.0+) keeps that lock's readers on their slow
+    path instead: forks and exits cost a little more, and no move waits.
+    None if no cgroup2 mount shows ``path``.
+    """
+    holding = [
+        mount
+        for mount in _cgroup_mounts(_read("/proc/self/mountinfo"))
+        if mount.fstype == "cgroup2"
+        and (path == mount.point or path.startswith(mount.point.rstrip("/") + "/"))
+    ]
+    if not holding:
+        return None
+    mount = max(holding, key=lambda m: len(m.point))  # the innermost
+    return mount.point, "favordynmods" in mount.options
+
+
 @dataclass(frozen=True)
 class V1Hierarchy:
     """One mounted cgroup v1 hierarchy: its controllers (of V1_CONTROLLERS) and our cgroup in it."""

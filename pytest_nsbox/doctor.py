@@ -148,11 +148,39 @@ def check_cgroups(cgroup_path: str | None) -> list[Check]:
                 "" if kill_ok else "cgroup.kill needs Linux >= 5.14",
             )
         )
+        checks.append(check_cgroup_moves(manager))
         return checks
     except Exception as exc:  # a doctor reports, it does not crash
         return [Check("cgroup limits", WARN, str(exc), "see the cgroup step named above")]
     finally:
         manager.close()
+
+
+def check_cgroup_moves(manager: cgroups.CgroupManager) -> Check:
+    """Whether a process that joins its cgroup may wait for an RCU grace period.
+
+    Under cgroup2 a test process is born in its cgroup, but each sandbox's
+    init joins it (off the test's path), and so does each test process of a
+    pytest process with threads (a pytest-xdist worker), on the test's path.
+    """
+    name = "cgroup moves"
+    if manager.version == 1:
+        return Check(name, OK, "v1: processes join through tasks, which waits for no grace period")
+    (session,) = manager.session_dirs
+    mount = cgroups.cgroup2_mount_of(session)
+    if mount is None:
+        return Check(name, OK, f"{session} is on no cgroup2 mount: nothing to tell")
+    if mount[1]:
+        return Check(name, OK, "cgroup2 mounted with favordynmods: joining a cgroup never waits")
+    return Check(
+        name,
+        WARN,
+        "cgroup2 mounted without favordynmods: a process that joins a cgroup may first wait "
+        "for an RCU grace period, several ms (each sandbox's init; under pytest-xdist, each "
+        "test process)",
+        f"as root, mount -o remount,favordynmods {mount[0]} (Linux 6.0+; forks and exits "
+        "then cost a little more)",
+    )
 
 
 def check_repo_owners(rootdir: str) -> Check:

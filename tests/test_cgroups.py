@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pytest
 from conftest import PlainUser, project_spec, run_in_fork_as, run_one_test_process
 
-from pytest_nsbox import cgroups
+from pytest_nsbox import cgroups, doctor, kernel
 from pytest_nsbox.cgroups import CgroupError, CgroupUnavailable, Limits, Usage
 from pytest_nsbox.sandbox import reap_exited
 
@@ -1002,6 +1002,22 @@ def test_fake_v2_usage_is_parsed(fake_v2: FakeCgroup2) -> None:
     opened.close()
 
 
+def test_fake_v2_on_no_cgroup2_mount_the_doctor_has_nothing_to_tell(fake_v2: FakeCgroup2) -> None:
+    """A cgroup2-shaped directory that no cgroup2 mount shows (``--nsbox-cgroup`` may name one):
+    the doctor cannot tell about favordynmods, and says so instead of guessing."""
+    opened = cgroups.CgroupV2Manager(str(fake_v2.base))
+    try:
+        (session,) = opened.session_dirs
+        assert cgroups.cgroup2_mount_of(session) is None
+        check = doctor.check_cgroup_moves(opened)
+    finally:
+        opened.close()
+    assert (check.verdict, check.detail) == (
+        doctor.OK,
+        f"{session} is on no cgroup2 mount: nothing to tell",
+    )
+
+
 def test_fake_v2_older_kernel_without_optional_files(fake_v2: FakeCgroup2) -> None:
     fake_v2.missing |= {"memory.swap.max", "memory.peak", "pids.peak", "cgroup.kill"}
     opened = cgroups.CgroupV2Manager(str(fake_v2.base))
@@ -1171,3 +1187,59 @@ def test_cgroup_error_names_step_and_errno_and_pickles() -> None:
     )
     copy = pickle.loads(pickle.dumps(error))
     assert (str(copy), copy.errno, copy.step) == (str(error), errno.EBUSY, error.step)
+
+
+def cgroup2_mount() -> tuple[str, set[str]]:
+    """(mount point, super options) of the cgroup2 mount, read without the module under test."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        fields = next(
+            line.split() for line in mountinfo if line.partition(" - ")[2].startswith("cgroup2")
+        )
+    return fields[4], set(fields[fields.index("-") + 3].split(","))
+
+
+def doctor_line(name: str) -> tuple[str, str]:
+    """(the doctor's line for check ``name``, the fix line after it or "")."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_nsbox", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = done.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line[8:].startswith(name))
+    after = lines[at + 1] if at + 1 < len(lines) else ""
+    return lines[at], after.strip() if after.strip().startswith("fix:") else ""
+
+
+def test_doctor_says_whether_joining_a_cgroup_can_wait_for_a_grace_period() -> None:
+    """v1 joins through tasks, which never waits; cgroup2 through cgroup.procs, which waits for
+    an RCU grace period after a quiet moment unless the hierarchy is mounted with favordynmods.
+    In the guest, as root, a remount with favordynmods turns the doctor's warning to ok."""
+    point, options = cgroup2_mount()
+    assert cgroups.cgroup2_mount_of(own_cgroup2_dir()) == (point, "favordynmods" in options)
+    assert cgroups.cgroup2_mount_of("/proc") is None
+    manager = cgroups.open_manager()
+    version = manager.version
+    manager.close()
+    line, fix = doctor_line("cgroup moves")
+    if version == 1:
+        assert line.startswith("  ok    ") and "join through tasks" in line, line
+        return
+    if "favordynmods" in options:
+        assert line.startswith("  ok    ") and "with favordynmods" in line, line
+    else:
+        assert line.startswith("  warn  ") and "without favordynmods" in line, line
+        assert f"mount -o remount,favordynmods {point} " in fix, fix
+    if os.geteuid() != 0 or "favordynmods" in options:
+        return
+    original = ",".join(sorted(options - {"rw"}))
+    kernel.mount(None, point, None, kernel.MS_REMOUNT, original + ",favordynmods")
+    try:
+        assert "favordynmods" in cgroup2_mount()[1]
+        line, fix = doctor_line("cgroup moves")
+        assert line.startswith("  ok    ") and "with favordynmods" in line, line
+        assert fix == ""
+    finally:
+        kernel.mount(None, point, None, kernel.MS_REMOUNT, original)
+    assert cgroup2_mount()[1] == options
