@@ -7,7 +7,8 @@ also times its own write, the move itself. The ways:
 ``tasks``         the child writes 0 to ``tasks`` in each v1 hierarchy of a test's cgroup
                   (``SandboxCgroup.attach_self``, the plugin's v1 path): the kernel moves
                   the one thread and takes no global lock.
-``cgroup.procs``  the child writes 0 to ``cgroup.procs`` in each: the whole thread group
+``cgroup.procs``  the child writes 0 to ``cgroup.procs`` in each (on v2, ``attach_self``'s
+                  own write, the plugin's fallback there): the whole thread group
                   moves, under the lock every fork and exit on the machine takes too
                   (``cgroup_threadgroup_rwsem``), whose first writer after a quiet moment
                   waits for an RCU grace period. The only way into a cgroup2 domain cgroup
@@ -48,7 +49,7 @@ class _Way:
 
     name: str
     dirs: tuple[str, ...]  # where the child is once in
-    writes: tuple[bytes, ...] = ()  # files the child writes 0 to
+    move: Callable[[], None] | None = None  # what the child runs to get in
     birth_fd: int | None = None
 
 
@@ -77,15 +78,13 @@ def _ways(manager: cgroups.CgroupManager) -> Iterator[tuple[dict[str, _Way], dic
     cgroup = manager.create(_MOVE_LIMITS)
     birth_fd = None
     try:
-
-        def files(name: str) -> tuple[bytes, ...]:
-            return tuple(os.fsencode(f"{path}/{name}") for path in cgroup.paths)
-
         if manager.version == 1:
-            ways["tasks"] = _Way("tasks", cgroup.paths, writes=files("tasks"))
+            procs = tuple(os.fsencode(f"{path}/cgroup.procs") for path in cgroup.paths)
+            ways["tasks"] = _Way("tasks", cgroup.paths, move=cgroup.attach_self)
+            ways["cgroup.procs"] = _Way("cgroup.procs", cgroup.paths, move=lambda: _write_0(procs))
         else:
             missing["tasks"] = "cgroup2 domain cgroups have no tasks file"
-        ways["cgroup.procs"] = _Way("cgroup.procs", cgroup.paths, writes=files("cgroup.procs"))
+            ways["cgroup.procs"] = _Way("cgroup.procs", cgroup.paths, move=cgroup.attach_self)
         birth = cgroup.birth_directory()
         if birth is None:
             own = _own_cgroup2_dir()
@@ -111,6 +110,16 @@ def _ways(manager: cgroups.CgroupManager) -> Iterator[tuple[dict[str, _Way], dic
         cgroup.remove()
 
 
+def _write_0(targets: tuple[bytes, ...]) -> None:
+    """What ``attach_self`` does, to files of the caller's choosing (v1's cgroup.procs)."""
+    for target in targets:
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
 def _check(way: _Way) -> None:
     """One move, untimed, that shows the child in each of the way's directories."""
     hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
@@ -134,7 +143,7 @@ def _check(way: _Way) -> None:
 def _one_move(
     way: _Way, hold_fd: int | None = None, check: Callable[[int], None] | None = None
 ) -> tuple[float, float | None]:
-    """(seconds from the fork until the child is in, seconds of its writes) for one child.
+    """(seconds from the fork until the child is in, seconds of its move) for one child.
 
     With ``hold_fd``, the child, once in, waits for a byte on it, and
     ``check`` sees its pid meanwhile.
@@ -151,12 +160,8 @@ def _one_move(
         status = 1
         try:
             moved = time.perf_counter()
-            for target in way.writes:
-                fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.write(fd, b"0")
-                finally:
-                    os.close(fd)
+            if way.move is not None:
+                way.move()
             os.write(write_fd, struct.pack("d", time.perf_counter() - moved))
             if hold_fd is not None:
                 os.read(hold_fd, 1)
@@ -174,7 +179,7 @@ def _one_move(
         _, status = os.waitpid(pid, 0)
     if len(answer) != 8 or os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"a child of the {way.name} way failed (status {status})")
-    return seen, (struct.unpack("d", answer)[0] if way.writes else None)
+    return seen, (None if way.move is None else struct.unpack("d", answer)[0])
 
 
 def measure_moves(
