@@ -40,7 +40,7 @@ DEFAULT_TMP_SIZE = 256 * MiB
 MAX_BYTES = 2**63 - 1
 MAX_CPU = 1024
 #: The sandbox's own processes count against the task limit too.
-MIN_PIDS = 4
+MIN_PIDS = 3
 DEFAULT_WRITES_IGNORE = ("__pycache__", "*.pyc", ".pytest_cache")
 
 NETWORK_MODES = ("loopback", "host")
@@ -308,7 +308,7 @@ def parse_pids(value: object, *, name: str, where: str = "") -> int:
             name,
             value,
             where,
-            f"expected at least {MIN_PIDS}: the sandbox itself needs 3 processes, "
+            f"expected at least {MIN_PIDS}: the sandbox itself needs 2 processes, "
             "so a lower limit leaves none for the test",
         )
     return count

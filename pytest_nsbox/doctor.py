@@ -159,9 +159,9 @@ def check_cgroups(cgroup_path: str | None) -> list[Check]:
 def check_cgroup_moves(manager: cgroups.CgroupManager) -> Check:
     """Whether a process that joins its cgroup may wait for an RCU grace period.
 
-    Under cgroup2 a test process is born in its cgroup, but each sandbox's
-    init joins it (off the test's path), and so does each test process of a
-    pytest process with threads (a pytest-xdist worker), on the test's path.
+    Under cgroup2 a test process is born in its cgroup (init stays outside
+    it), but one forked by a pytest process with threads (a pytest-xdist
+    worker) joins it, on the test's path.
     """
     name = "cgroup moves"
     if manager.version == 1:
@@ -176,8 +176,8 @@ def check_cgroup_moves(manager: cgroups.CgroupManager) -> Check:
         name,
         WARN,
         "cgroup2 mounted without favordynmods: a process that joins a cgroup may first wait "
-        "for an RCU grace period, several ms (each sandbox's init; under pytest-xdist, each "
-        "test process)",
+        "for an RCU grace period, several ms (under pytest-xdist each test process joins "
+        "its cgroup)",
         f"as root, mount -o remount,favordynmods {mount[0]} (Linux 6.0+; forks and exits "
         "then cost a little more)",
     )

@@ -375,15 +375,15 @@ def _collect(
 def _init_has_news(prepared: PreparedSandbox) -> bool:
     """Whether init has something to report now that the test process is gone.
 
-    The cgroup holds init and whatever the test left running, also in
-    cgroups the test made below its own: more than one task means leftovers
-    (or an orphan init has yet to reap: then init reports nothing). If init
-    is gone there is no report to ask for, and its pid namespace took the
-    rest with it.
+    Init stays outside the test's cgroup, so once the test process is
+    reaped the cgroup holds only what the test left running, also in cgroups
+    the test made below its own: any task means leftovers (or an orphan init
+    has yet to reap: then init reports nothing). If init is gone there is no
+    report to ask for, and its pid namespace took the rest with it.
     """
     if prepared.spec.list_writes or prepared.cgroup is None:
         return True
-    return prepared.cgroup.task_count() > 1
+    return prepared.cgroup.task_count() > 0
 
 
 def _drain(fd: int, buffer: bytearray) -> None:

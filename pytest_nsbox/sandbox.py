@@ -14,8 +14,9 @@ is forked once per test instead of once per sandbox process::
   so its factory forks an **outer** process (:func:`run_outer`) that
   unshares a new user namespace with the others and forks init;
 * **init** is pid 1 of the new pid namespace: it builds the file system view
-  and the network, makes and joins the test's cgroup and gives itself a
-  cgroup namespace rooted there. Last it unshares the *lock namespace*, one
+  and the network and makes the test's cgroup, which it stays outside of
+  (its own work is not the test's, in the limits or the figures). Last it
+  unshares the *lock namespace*, one
   more user and mount namespace (a copy of every mount it made), whose id
   maps the process that forked it writes. Every mount seen from there came
   from a more privileged mount namespace, so the kernel locks them: even as
@@ -29,8 +30,10 @@ is forked once per test instead of once per sandbox process::
 * **test** is forked from pytest into init's pid namespace (pytest points
   its pid namespace for children there for the one ``fork``; a plain user
   cannot, so a first fork joins the user and pid namespaces and forks the
-  test), joins the cgroup and the other namespaces with ``setns``, the lock
-  namespace last, and runs the test; as a plain user it then drops the
+  test), joins the cgroup (under v2 it is born there), joins init's
+  namespaces with ``setns``, unshares a cgroup namespace of its own, rooted
+  at the test's cgroup, joins the lock namespace last, and runs the test;
+  as a plain user it then drops the
   capabilities that namespace granted, and runs with none, as on the host.
 
 Each step raises :class:`~pytest_nsbox.kernel.SandboxSetupError`; it reaches
@@ -67,14 +70,17 @@ _MAP_ALL_IDS = "0 0 4294967295"
 _FULL_MARGIN = 64 * 1024  # a tmpfs with less free space than this counts as full
 _CMDLINE_TRIES = 20  # reads of an empty /proc/PID/cmdline, 1 ms apart (see _command_line)
 
-#: The namespaces the test joins with setns, in order, by the name /proc/PID/ns gives them.
-#: ``outer_user`` (a plain user's only) comes first: it grants the rights to join the others;
-#: ``user`` and ``mnt`` are the lock namespace, joined last.
-JOIN_ORDER = (
+#: The namespaces of init's the test joins with setns, in order, by the name /proc/PID/ns
+#: gives them. ``outer_user`` (a plain user's only) comes before them: it grants the rights to
+#: join the others. Then the test unshares a cgroup namespace of its own (owned, as init's are,
+#: by the user namespace it is in then) and joins the lock namespace, :data:`LOCK_NAMESPACES`.
+SHARED_NAMESPACES = (
     ("net", kernel.CLONE_NEWNET),
     ("uts", kernel.CLONE_NEWUTS),
     ("ipc", kernel.CLONE_NEWIPC),
-    ("cgroup", kernel.CLONE_NEWCGROUP),
+)
+#: The lock namespace (see :func:`_make_lock_namespace`), joined last.
+LOCK_NAMESPACES = (
     ("user", kernel.CLONE_NEWUSER),
     ("mnt", kernel.CLONE_NEWNS),
 )
@@ -112,7 +118,7 @@ class SandboxSpec:
 
 
 def base_namespaces(network_isolated: bool, privileged: bool) -> int:
-    """The CLONE_NEW* flags init is forked into (the cgroup and lock namespaces are its own)."""
+    """The CLONE_NEW* flags init is forked into (it unshares the lock namespace itself)."""
     flags = kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWUTS | kernel.CLONE_NEWIPC
     if network_isolated:
         flags |= kernel.CLONE_NEWNET
@@ -307,12 +313,12 @@ def _run_init(
             network.bring_loopback_up(spec.loopback_request)
         counters: list[int] = []
         if cgroup is not None:
-            # Made here, off the pytest process's path; joined only now: a
-            # cpu limit must not slow the set-up down.
+            # Made here, off the pytest process's path, and never joined:
+            # init's work (its set-up, reaping, listing what is left) is
+            # not the test's to pay for under its limits, and under v2 a
+            # join can wait for an RCU grace period (see the README).
             cgroup.make()
-            cgroup.attach_self()
             counters = cgroup.open_counters()
-        kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at the test's cgroup
         namespaces = {name: _open_namespace(f"/proc/self/ns/{name}") for name in _own(spec)}
         if not spec.privileged:
             namespaces["outer_user"] = _open_namespace("/proc/self/ns/user")
@@ -358,7 +364,7 @@ def _run_init(
 
 def _own(spec: SandboxSpec) -> list[str]:
     """The namespaces of init's that the test joins (not the host's network)."""
-    names = ["pid", "uts", "ipc", "cgroup"]
+    names = ["pid", "uts", "ipc"]
     if spec.namespaces & kernel.CLONE_NEWNET:
         names.append("net")
     return names
@@ -503,9 +509,12 @@ def run_test_process(
         # number means it already died.
         if os.getppid() != 0:
             os._exit(EXIT_SETUP_FAILED)
-        for name, nstype in JOIN_ORDER:
+        for name, nstype in SHARED_NAMESPACES:
             if name in namespaces:
                 kernel.setns(namespaces[name], nstype, name)
+        kernel.unshare(kernel.CLONE_NEWCGROUP)  # rooted at the test's cgroup, which it is in
+        for name, nstype in LOCK_NAMESPACES:
+            kernel.setns(namespaces[name], nstype, name)
         for fd in inherited:
             os.close(fd)
         os.chdir(spec.cwd)  # enter the cwd through the overlay

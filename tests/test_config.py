@@ -212,16 +212,16 @@ def test_parse_duration_rejects(value: object) -> None:
 # ---------------------------------------------------------------------------- parse_pids
 
 
-@pytest.mark.parametrize(("value", "expected"), [(4, 4), (64, 64), ("64", 64), (" 128 ", 128)])
+@pytest.mark.parametrize(("value", "expected"), [(3, 3), (64, 64), ("64", 64), (" 128 ", 128)])
 def test_parse_pids_accepts(value: object, expected: int) -> None:
     assert parse_pids(value, name="pids") == expected
 
 
-@pytest.mark.parametrize("value", [3, 0, -1, "3"])
-def test_parse_pids_below_four_says_the_sandbox_needs_three(value: object) -> None:
-    with pytest.raises(NsboxConfigError, match="the sandbox itself needs 3 processes") as excinfo:
+@pytest.mark.parametrize("value", [2, 0, -1, "2"])
+def test_parse_pids_below_three_says_the_sandbox_needs_two(value: object) -> None:
+    with pytest.raises(NsboxConfigError, match="the sandbox itself needs 2 processes") as excinfo:
         parse_pids(value, name="pids")
-    assert str(excinfo.value).startswith(f"invalid pids={value!r}: expected at least 4")
+    assert str(excinfo.value).startswith(f"invalid pids={value!r}: expected at least 3")
 
 
 @pytest.mark.parametrize("value", [True, 64.0, 4.5, "64.0", "sixty", "", "-5", "1e2", None])
@@ -229,7 +229,7 @@ def test_parse_pids_rejects_non_integers(value: object) -> None:
     with pytest.raises(NsboxConfigError) as excinfo:
         parse_pids(value, name="pids")
     assert str(excinfo.value) == (
-        f"invalid pids={value!r}: expected a whole number of tasks >= 4, like 64"
+        f"invalid pids={value!r}: expected a whole number of tasks >= 3, like 64"
     )
 
 
@@ -747,8 +747,8 @@ def test_report_path_in_a_missing_directory_is_a_usage_error(box: pytest.Pyteste
         (("--nsbox-tmp-size=512k",), "invalid --nsbox-tmp-size='512k': 512.0 KiB is below the "
          "1.0 MiB minimum"),
         (("--nsbox-cpu=0",), "invalid --nsbox-cpu='0': expected a number of CPUs > 0"),
-        (("--nsbox-pids=2",), "invalid --nsbox-pids='2': expected at least 4: the sandbox "
-         "itself needs 3 processes"),
+        (("--nsbox-pids=2",), "invalid --nsbox-pids='2': expected at least 3: the sandbox "
+         "itself needs 2 processes"),
         (("--nsbox-timeout=soon",), "invalid --nsbox-timeout='soon': expected seconds > 0"),
         (("--nsbox-network=bridge",), "invalid --nsbox-network='bridge': expected one of "
          "'loopback', 'host'"),
@@ -990,8 +990,8 @@ def marker_on(arguments: str) -> str:
          "16.0 MiB minimum: a Python child needs that much to start"),
         ("memory=True", "invalid memory=True on test_mod.py::test_x: " + SIZE_FORMS),
         ("cpu=0", "invalid cpu=0 on test_mod.py::test_x: expected a number of CPUs"),
-        ("pids=3", "invalid pids=3 on test_mod.py::test_x: expected at least 4: the sandbox "
-         "itself needs 3 processes"),
+        ("pids=2", "invalid pids=2 on test_mod.py::test_x: expected at least 3: the sandbox "
+         "itself needs 2 processes"),
         ("pids=8.0", "invalid pids=8.0 on test_mod.py::test_x: expected a whole number"),
         ("timeout=-1", "invalid timeout=-1 on test_mod.py::test_x: expected seconds > 0"),
         ('network="bridge"', "invalid network='bridge' on test_mod.py::test_x: expected one of "

@@ -9,6 +9,7 @@ before and after: nothing of the run may remain.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -180,6 +181,66 @@ def test_pids_limit_is_reported_and_nothing_is_left(pytester: pytest.Pytester) -
     )
 
 
+def test_the_pids_limit_is_the_tests_and_init_stays_outside_it(pytester: pytest.Pytester) -> None:
+    """Init is not in the test's cgroup: pids=8 is the test process and 7 more tasks.
+
+    As a plain user, one of the 8 is the process that forks the test
+    process. The test sees its own cgroup as the root of its cgroup
+    namespace and init's above it (``/..``), in each hierarchy of a limit.
+    """
+    pytester.makepyfile(
+        """
+        import json, os
+        import pytest
+
+        def membership(pid):
+            with open(f"/proc/{pid}/cgroup") as lines:
+                return [line.strip() for line in lines]
+
+        @pytest.mark.nsbox(pids=8)
+        def test_forks_until_refused():
+            release_r, release_w = os.pipe()
+            children = []
+            while len(children) < 20:
+                try:
+                    pid = os.fork()
+                except BlockingIOError:
+                    break
+                if pid == 0:
+                    os.close(release_w)
+                    os.read(release_r, 1)
+                    os._exit(0)
+                children.append(pid)
+            os.close(release_w)
+            for pid in children:
+                os.waitpid(pid, 0)
+            seen = {"children": len(children), "test": membership(os.getpid()), "init": membership(1)}
+            print("SEEN", json.dumps(seen))
+        """
+    )
+    result = pytester.runpytest_subprocess("-s", "-rA")
+    result.assert_outcomes(passed=1)  # it handled the refused fork: the limit is a note
+    result.stdout.fnmatch_lines(["*::test_forks_until_refused: pids limit 8 reached 1 time*"])
+    (line,) = [line for line in result.outlines if "SEEN " in line]  # after the file's name
+    seen = json.loads(line.partition("SEEN ")[2])
+    sandbox_own = 1 if os.geteuid() == 0 else 2  # the test process (and its forker)
+    assert seen["children"] == 8 - sandbox_own, seen
+
+    def limited(lines: list[str]) -> dict[str, str]:
+        """Path by hierarchy, of the hierarchies the test's limits are in."""
+        paths = {}
+        for entry in lines:
+            number, controllers, path = entry.split(":", 2)
+            if (CGROUP_VERSION == 2 and number == "0") or "pids" in controllers.split(","):
+                paths[number] = path
+        return paths
+
+    test, init = limited(seen["test"]), limited(seen["init"])
+    assert test and set(test.values()) == {"/"}, seen
+    assert init.keys() == test.keys(), seen
+    assert all(path.startswith("/..") for path in init.values()), seen
+
+
 def test_timeout_kills_the_whole_sandbox(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
@@ -273,7 +334,7 @@ def test_bad_limit_values_are_collection_errors(pytester: pytest.Pytester) -> No
         [
             "*memory='64x'*::test_a: expected bytes as an int or a size like*\"64m\"*",
             "*cpu=0*::test_b: expected a number of CPUs > 0*",
-            "*pids=0*::test_c: expected at least 4*",
+            "*pids=0*::test_c: expected at least 3*",
             "*memory='8m'*::test_d: 8.0 MiB is below the 16.0 MiB minimum*",
         ]
     )

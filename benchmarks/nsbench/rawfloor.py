@@ -27,8 +27,8 @@ Levels (each includes the ones before it, as the benchmark's rows do):
             of the host /proc, opened once at its start; it set its oom_score_adj to -1000
             then too). A plain user's factory forks outer instead, which unshares user and the
             others, writes its one-id maps, opens the host /proc (O_PATH) and forks init.
-            Init makes the mounts private, mounts /proc, unshares cgroup, opens its
-            pid/uts/ipc/cgroup/net namespaces (a plain user's: its user one too), unshares
+            Init makes the mounts private, mounts /proc, opens its
+            pid/uts/ipc/net namespaces (a plain user's: its user one too), unshares
             user+mnt itself (the lock namespace) and asks the process that forked it (two
             pipes), which writes init's uid/gid maps relative to its host /proc fd (root: all
             ids; a plain user: its own id) and answers; init opens its
@@ -37,21 +37,22 @@ Levels (each includes the ones before it, as the benchmark's rows do):
             benchmark's stub) and /tmp and its pidfd (SCM_RIGHTS). This process forks the
             test process into init's pid namespace (root: setns of pid-for-children around
             the fork; a plain user: a first child joins outer's user namespace and the pid
-            namespace and forks the test), which joins net/uts/ipc/cgroup/user/mnt with
-            setns, closes the inherited fds, chdirs and answers on a pipe; a pidfd poll, the
-            reap, fstatvfs of the two mounts; then "finished" to init, which lists its /proc
-            and exits (its channel's EOF; then init's pidfd, a plain user's outer's exit).
+            namespace and forks the test), which joins net/uts/ipc with setns, unshares
+            cgroup, joins user/mnt, closes the inherited fds, chdirs and answers on a pipe;
+            a pidfd poll, the reap, fstatvfs of the two mounts; then "finished" to init,
+            which lists its /proc and exits (its channel's EOF; then init's pidfd, a plain
+            user's outer's exit).
 ``overlay`` init's mounts are filesystem.set_up's: scratch tmpfs on /dev/shm, the overlay on
             the rootdir, tmpfs on /tmp and /dev/shm (over the scratch), the ``--bind``
             dir (and a rootdir below /tmp or /dev/shm) bound back, /proc.
 ``lo``      init also brings lo up: one RTM_NEWLINK on a netlink socket, ack checked.
 ``full``    init also sets the hostname, makes the cgroup (mkdir in every hierarchy, the
-            memory=256m, cpu=1, pids=64 writes) and joins it (``tasks`` on v1,
-            ``cgroup.procs`` on v2) before it unshares cgroup, and opens the counter files
-            the plugin reads (pids.current, the OOM, CPU and pids counters, the peaks) to
-            send them with the rest; the test process joins it first thing; after the reap
-            this process reads every counter through those descriptors, counts the cgroup's
-            tasks (pids.current) instead of telling init (1: init only), closes the channel,
+            memory=256m, cpu=1, pids=64 writes), which it stays outside of, and opens the
+            counter files the plugin reads (pids.current, the OOM, CPU and pids counters, the
+            peaks) to send them with the rest; the test process joins it first thing
+            (``tasks`` on v1, ``cgroup.procs`` on v2); after the reap this process reads
+            every counter through those descriptors, counts the cgroup's tasks
+            (pids.current) instead of telling init (0: nothing left), closes the channel,
             waits on init's pidfd for its exit and rmdirs the cgroup (the plugin's factory
             removes it when it reaps init, at its next request).
 
@@ -97,12 +98,14 @@ HOME_NAMESPACES = (
     ("ipc", CLONE_NEWIPC),
     ("pid", CLONE_NEWPID),  # for children: init's pid namespace was theirs
 )
-# The namespaces the test process joins, in the engine's order (pytest_nsbox.sandbox.JOIN_ORDER).
-JOIN_ORDER = (
+# The namespaces the test process joins, in the engine's order (pytest_nsbox.sandbox's
+# SHARED_NAMESPACES, then an unshared cgroup namespace, then LOCK_NAMESPACES).
+SHARED_NAMESPACES = (
     ("net", CLONE_NEWNET),
     ("uts", CLONE_NEWUTS),
     ("ipc", CLONE_NEWIPC),
-    ("cgroup", CLONE_NEWCGROUP),
+)
+LOCK_NAMESPACES = (
     ("user", CLONE_NEWUSER),
     ("mnt", CLONE_NEWNS),
 )
@@ -324,14 +327,12 @@ def run_init(
             os.mkdir(path)
         for index, file, value in args.limits:
             write(f"{paths[index]}/{file}", value)
-        attach(attach_targets(args, paths))
         counters = [
             os.open(f"{paths[i]}/{name}", os.O_RDONLY | os.O_CLOEXEC) for i, name in args.counters
         ]
     else:
         counters = []
-    unshare(CLONE_NEWCGROUP, "cgroup")
-    names = ["pid", "uts", "ipc", "cgroup", "net"]
+    names = ["pid", "uts", "ipc", "net"]
     namespaces = {n: os.open(f"/proc/self/ns/{n}", os.O_RDONLY | os.O_CLOEXEC) for n in names}
     if not args.privileged:
         namespaces["outer_user"] = os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC)
@@ -513,7 +514,10 @@ def run_test_process(
         check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "prctl")
     if os.getppid() != 0:
         os._exit(9)
-    for name, nstype in JOIN_ORDER:
+    for name, nstype in SHARED_NAMESPACES:
+        setns(namespaces[name], nstype, name)
+    unshare(CLONE_NEWCGROUP, "cgroup")
+    for name, nstype in LOCK_NAMESPACES:
         setns(namespaces[name], nstype, name)
     for fd in inherited:
         os.close(fd)
@@ -633,13 +637,13 @@ def one_sandbox(
     # A plain user's outer, alive (it waits for init, init for us); root has none ("0").
     outer_pidfd = os.pidfd_open(int(outer)) if outer != "0" else None
     if level >= FULL:
-        # What the engine asks instead of telling init: is anyone but init still there?
+        # What the engine asks instead of telling init: is anything still there?
         # (pids.current is the first counter; then the usage counters, as the plugin reads.)
         text = os.pread(counters[0], 4096, 0).decode()
         for fd in counters[1:]:
             os.pread(fd, 65536, 0)
-        if int(text) != 1:
-            raise RuntimeError(f"{paths[args.count_index]} holds more than init")
+        if int(text) != 0:
+            raise RuntimeError(f"{paths[args.count_index]} still holds {text.strip()} tasks")
         for fd in fds[:-1]:
             os.close(fd)
         ours.close()

@@ -20,7 +20,7 @@ Loaded with ``-p nsbench.steps_plugin``; ``$NSBENCH_STEP`` picks what each test 
     ``release``, a sandbox whose init died meanwhile built anew, without the
     settings, usage and records; reports are rebuilt as the plugin does,
     ``pytest_nsbox.outcomes.phase_reports``). The SandboxSpec is ``--nsbox``'s
-    (mnt/pid/net/uts/ipc, init's cgroup namespace, the lock namespace), with
+    (mnt/pid/net/uts/ipc, the test process's own cgroup namespace, the lock namespace), with
     lo left down and no hostname. The
     factory is :class:`NamespacesOnlyFactory`: its interpreter imports
     :mod:`nsbench.ns_stub` before ``serve``, which replaces
@@ -37,9 +37,10 @@ Loaded with ``-p nsbench.steps_plugin``; ``$NSBENCH_STEP`` picks what each test 
 ``cgroup``
     ``lo`` plus a per-test cgroup: ``manager.plan(Limits(256 MiB, 1 cpu, 64
     pids))`` per test (``pytest_nsbox.cgroups.open_manager()`` once), passed to
-    ``prepare()``: the sandbox's init makes it and joins it, the test process
-    joins it; the factory removes it once init has exited, as in the plugin
-    (rmdir, and ``kill()`` + ``remove()`` only if something is still in it). Also the
+    ``prepare()``: the sandbox's init makes it (and stays outside it), the test
+    process joins it (under v2 it is born there); the factory removes it once
+    init has exited, as in the plugin (rmdir, and ``kill()`` + ``remove()``
+    only if something is still in it). Also the
     hostname the plugin gives each test (``nsbox-<test name>``, so a spec per
     test). With a cgroup, ``runner.run`` counts the cgroup's tasks instead of
     waiting for init.
