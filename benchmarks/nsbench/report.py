@@ -242,18 +242,20 @@ def _floor(report: dict[str, Any]) -> list[str]:
         "mnt/pid/net/uts/ipc itself, forks init, pid 1, and goes back to its own namespaces "
         "with setns (a plain user's factory forks outer, which unshares user and the others, "
         "writes its own id maps, opens the host /proc and forks init); init makes the mounts "
-        "private + /proc, unshares cgroup, unshares user+mnt itself (the lock namespace) and "
+        "private + /proc, unshares user+mnt itself (the lock namespace) and "
         "asks the process that forked it, which writes init's id maps through its host /proc "
         "fd; init opens its lock namespaces, makes itself non-dumpable and sends its namespace "
         "fds, O_PATH fds of the scratch and /tmp and its pidfd by SCM_RIGHTS; this process "
         "forks the test into init's pid namespace (root: setns of pid-for-children around the "
         "fork; a plain user: through a first child in outer's user namespace), the test joins "
-        "net/uts/ipc/cgroup/user/mnt with setns, answers on a pipe and is reaped (pidfd poll); "
+        "net/uts/ipc with setns, unshares cgroup, joins user/mnt, answers on a pipe and is "
+        "reaped (pidfd poll); "
         "init is told and exits; overlay = + init's scratch tmpfs, overlay, /tmp, /dev/shm "
         "(over the scratch), bind; lo = + RTM_NEWLINK; full = + sethostname, init's cgroup "
-        "mkdir/limits/attach in every hierarchy and its counter files opened and sent, the "
-        "test's attach, every counter read through those descriptors, a count of the cgroup's "
-        "tasks (pids.current) instead of telling init, the rmdir after init's exit",
+        "mkdir/limits in every hierarchy (init stays outside it) and its counter files opened "
+        "and sent, the test's attach, every counter read through those descriptors, a count "
+        "of the cgroup's tasks (pids.current) instead of telling init, the rmdir after init's "
+        "exit",
         "  ",
     )
     lines += _wrap(

@@ -56,8 +56,8 @@ ROWS = (
         "sandbox asked for with prepare() before the current test is forked (built meanwhile), "
         "pending.wait(), runner.run(prepared, childrun.SandboxedItem) forking the test once "
         "into it, prepared.close() after. --nsbox's SandboxSpec (init forked into "
-        "mnt/pid/net/uts/ipc, its own cgroup and lock user+mnt namespaces; the test joins them "
-        "with setns), lo left down, no "
+        "mnt/pid/net/uts/ipc and its own lock user+mnt namespaces; the test joins them with "
+        "setns and unshares a cgroup namespace of its own), lo left down, no "
         "hostname; the factory's interpreter imports nsbench.ns_stub before serve(), which "
         "replaces filesystem.set_up with a stub (make mounts private, mount the new /proc). "
         "Without a cgroup, runner.run waits for init's leftover check before it returns",
@@ -81,7 +81,8 @@ ROWS = (
         "nsbox (c) + cgroup, engine",
         "as (c) plus a cgroup per test: pytest_nsbox.cgroups.open_manager() once, "
         "manager.plan(Limits(256m, 1 cpu, 64 pids)) per test passed to prepare() (the "
-        "sandbox's init makes and joins it, the test process joins it), removed by the factory "
+        "sandbox's init makes it and stays outside, the test process joins it), removed by the "
+        "factory "
         "once init has exited, as in the plugin (rmdir; kill()+remove() only if not empty); "
         "also the "
         "plugin's per-test hostname "
