@@ -186,7 +186,8 @@ def test_the_pids_limit_is_the_tests_and_init_stays_outside_it(pytester: pytest.
 
     As a plain user, one of the 8 is the process that forks the test
     process. The test sees its own cgroup as the root of its cgroup
-    namespace and init's above it (``/..``), in each hierarchy of a limit.
+    namespace and init's above it (``/..``), in the hierarchy that holds
+    its pids limit (v1's pids, or cgroup2).
     """
     pytester.makepyfile(
         """
