@@ -322,16 +322,21 @@ def cgroup2_mount_of(path: str) -> tuple[str, bool] | None:
     path instead: forks and exits cost a little more, and no move waits.
     None if no cgroup2 mount shows ``path``.
     """
-    holding = [
-        mount
-        for mount in _cgroup_mounts(_read("/proc/self/mountinfo"))
-        if mount.fstype == "cgroup2"
-        and (path == mount.point or path.startswith(mount.point.rstrip("/") + "/"))
-    ]
+    holding = _cgroup2_mounts_holding(path, _cgroup_mounts(_read("/proc/self/mountinfo")))
     if not holding:
         return None
     mount = max(holding, key=lambda m: len(m.point))  # the innermost
     return mount.point, "favordynmods" in mount.options
+
+
+def _cgroup2_mounts_holding(path: str, mounts: Sequence[_Mount]) -> list[_Mount]:
+    """The cgroup2 mounts of ``mounts`` whose tree holds ``path`` (at their point or below)."""
+    return [
+        mount
+        for mount in mounts
+        if mount.fstype == "cgroup2"
+        and (path == mount.point or path.startswith(mount.point.rstrip("/") + "/"))
+    ]
 
 
 @dataclass(frozen=True)
@@ -418,10 +423,7 @@ def _v2_missing(cgroup_dir: str) -> list[str]:
 def _checked_option_dir(cgroup_path: str, mounts: Sequence[_Mount]) -> str:
     """The --nsbox-cgroup directory, once known to be a cgroup2 directory with the controllers."""
     path = os.path.realpath(cgroup_path)
-    on_cgroup2 = any(
-        m.fstype == "cgroup2" and (path == m.point or path.startswith(m.point.rstrip("/") + "/"))
-        for m in mounts
-    )
+    on_cgroup2 = bool(_cgroup2_mounts_holding(path, mounts))
     if not on_cgroup2 or not os.path.isfile(f"{path}/cgroup.controllers"):
         raise CgroupUnavailable(
             f"--nsbox-cgroup={cgroup_path} is not a cgroup2 directory.\nPass a directory of "
