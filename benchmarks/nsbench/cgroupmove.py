@@ -79,9 +79,14 @@ def _ways(manager: cgroups.CgroupManager) -> Iterator[tuple[dict[str, _Way], dic
     birth_fd = None
     try:
         if manager.version == 1:
-            procs = tuple(os.fsencode(f"{path}/cgroup.procs") for path in cgroup.paths)
+            procs = tuple(f"{path}/cgroup.procs" for path in cgroup.paths)
+
+            def write_procs() -> None:  # what attach_self does, to v1's cgroup.procs
+                for target in procs:
+                    kernel.write_file(target, "0")
+
             ways["tasks"] = _Way("tasks", cgroup.paths, move=cgroup.attach_self)
-            ways["cgroup.procs"] = _Way("cgroup.procs", cgroup.paths, move=lambda: _write_0(procs))
+            ways["cgroup.procs"] = _Way("cgroup.procs", cgroup.paths, move=write_procs)
         else:
             missing["tasks"] = "cgroup2 domain cgroups have no tasks file"
             ways["cgroup.procs"] = _Way("cgroup.procs", cgroup.paths, move=cgroup.attach_self)
@@ -108,16 +113,6 @@ def _ways(manager: cgroups.CgroupManager) -> Iterator[tuple[dict[str, _Way], dic
         for path in made:
             os.rmdir(path)
         cgroup.remove()
-
-
-def _write_0(targets: tuple[bytes, ...]) -> None:
-    """What ``attach_self`` does, to files of the caller's choosing (v1's cgroup.procs)."""
-    for target in targets:
-        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
 
 
 def _check(way: _Way) -> None:
