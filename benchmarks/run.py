@@ -650,7 +650,7 @@ def _sessions_and_floor(
         ):
             skipped[row.key] = f"nsbox cannot sandbox here: {report['nsbox_problem']}"
     if isinstance(manager, str):
-        for key in ("cgroup", "full", "xdist"):
+        for key in ("cgroup", "full", "full_hostnet", "xdist"):
             skipped[key] = f"no cgroups: {manager}"
     floor = _floor(sections, mode, scratch, project, manager)
     runs = run_rounds(

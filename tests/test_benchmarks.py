@@ -25,7 +25,7 @@ RUN = BENCH_DIR / "run.py"
 TINY = [
     "--n=6",
     "--reps=1",
-    "--rows=fork,full,fork_user,full_user,full8",
+    "--rows=fork,full,full_hostnet,fork_user,full_user,full8",
     "--sections=1,2,3,4,6,7",
     "--sustained=9",
     "--window=3",
@@ -58,7 +58,7 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
     overhead = figures["overhead"]
     # The rows of a reference venv are listed as not run, with why, when the venvs are skipped.
     assert overhead["full8"]["problem"] == "unavailable: --no-pytest-forked", overhead["full8"]
-    for key in ("inline", "fork", "full", "inline_user", "fork_user", "full_user"):
+    for key in ("inline", "fork", "full", "full_hostnet", "inline_user", "fork_user", "full_user"):
         assert overhead[key].get("problem") is None, overhead[key]
         assert overhead[key]["wall_s"]["median"] > 0
         assert overhead[key]["uids"] == [plain_user.uid if key.endswith("_user") else 0]

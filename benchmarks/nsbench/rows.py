@@ -100,6 +100,15 @@ ROWS = (
         floor="full",
     ),
     Row(
+        "full_hostnet",
+        "nsbox (d) full, host network",
+        "the plugin as in (d) with --nsbox-network=host: no network namespace of the test's "
+        "own to create and tear down, and no lo to bring up; what one costs a test, and so "
+        "the most that sharing one between tests could save",
+        "main",
+        (*FULL_SANDBOX, "--nsbox-network=host"),
+    ),
+    Row(
         "xdist",
         "nsbox (d) full, -n 2",
         "the plugin with -n 2 (pytest-xdist): " + " ".join(FULL_SANDBOX) + " -n 2",
