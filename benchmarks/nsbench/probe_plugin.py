@@ -6,10 +6,14 @@ protocol with ``log=False``), so its timestamps give the time per test end
 to end. The process's RSS and open fds are sampled from ``/proc/self`` at
 session start, after collection, after the first test, every
 ``$NSBENCH_SAMPLE_EVERY`` tests when set, and at session end.
-Everything is written as JSON to ``$NSBENCH_PROBE_OUT`` at session finish,
-with the CPU time pytest itself spent so far and that of the children it
-reaped so far (``getrusage``): its test processes, but not the sandbox factory
-and the inits it reaped, which end at unconfigure.
+Everything is written as JSON to ``$NSBENCH_PROBE_OUT`` as the process exits
+(``atexit``), with the CPU time of the children pytest reaped (``getrusage``)
+by session finish, its test processes, and by its exit, which adds the
+sandbox factory and the inits the factory reaped: they end at unconfigure.
+pytest's own CPU time is the rest of its tree's (see
+:func:`nsbench.sessions.run_session`), its exit included: taken from the
+process itself at session finish, it left pytest's later work to count as
+the factory's, and that varied by a hundred milliseconds a session.
 
 With ``$NSBENCH_TIMELINE_OUT`` set (sessions of their own: the timestamps
 cost the test process copied pages), each test's way is timed at four
@@ -25,6 +29,7 @@ reference venv loads it too.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import resource
@@ -99,12 +104,16 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     path = os.environ.get("NSBENCH_PROBE_OUT")
     if not path or hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller writes the file
-    own = resource.getrusage(resource.RUSAGE_SELF)
+    atexit.register(_write_probe, path, _reaped_cpu_seconds())
+
+
+def _reaped_cpu_seconds() -> float:
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = {
-        "pytest": own.ru_utime + own.ru_stime,
-        "reaped": reaped.ru_utime + reaped.ru_stime,
-    }
+    return reaped.ru_utime + reaped.ru_stime
+
+
+def _write_probe(path: str, reaped: float) -> None:
+    cpu = {"reaped": reaped, "reaped_at_exit": _reaped_cpu_seconds()}
     with open(path, "w") as out:
         json.dump(
             {

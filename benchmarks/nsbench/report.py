@@ -151,11 +151,12 @@ def _cpu_split(table: dict[str, Any]) -> list[str]:
     return _subtable(
         header,
         rows,
-        "pytest: the pytest process's own CPU time; its test processes: the children it reaped "
-        "by session finish (getrusage, with whatever they reaped); factory, inits: the rest of "
-        "pytest's process tree (the sandbox factory and the inits it forked, reaped as pytest "
-        "ends); the rest: the machine's busy time beyond the whole tree, mostly kernel threads "
-        "(RCU, the workqueues that tear namespaces and cgroups down).",
+        "pytest: the pytest process's own CPU time, to its exit (its process tree's, less "
+        "every child it reaped); its test processes: the children it reaped by session finish "
+        "(getrusage, with whatever they reaped); factory, inits: the children it reaped after "
+        "(the sandbox factory, with the inits it forked and reaped); the rest: the machine's "
+        "busy time beyond the whole tree, mostly kernel threads (RCU, the workqueues that tear "
+        "namespaces and cgroups down).",
     )
 
 

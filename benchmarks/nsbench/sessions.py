@@ -90,9 +90,10 @@ class SessionResult:
     uid: int = -1  # whom the session's pytest ran as
     busy_cpu: float = 0.0  # CPU seconds the whole machine was busy meanwhile, all cores
     busy_share: float = 0.0  # the share of the machine's CPU time that was busy meanwhile
-    #: CPU seconds by whom: "pytest" itself, "tests" (the children it reaped by session
-    #: finish), "helpers" (the rest of pytest's process tree: the sandbox factory and the
-    #: inits it reaped), "rest" (the machine's busy time beyond that: kernel threads).
+    #: CPU seconds by whom: "pytest" itself (its process tree's, less every child it
+    #: reaped), "tests" (the children it reaped by session finish), "helpers" (those it
+    #: reaped later: the sandbox factory and the inits the factory reaped), "rest" (the
+    #: machine's busy time beyond the tree: kernel threads).
     cpu: dict[str, float] = field(default_factory=dict)
     #: With a timeline (run_session's ``timeline_out``), per test in order: pytest's
     #: logstart, the test process's setup, its teardown report, pytest's logfinish.
@@ -146,8 +147,13 @@ def run_session(
         )
     probe: dict[str, Any] = json.loads(probe_out.read_text())
     probe_out.unlink()
-    own, reaped = probe["cpu"]["pytest"], probe["cpu"]["reaped"]
-    cpu = {"pytest": own, "tests": reaped, "helpers": tree - own - reaped, "rest": busy - tree}
+    reaped, reaped_at_exit = probe["cpu"]["reaped"], probe["cpu"]["reaped_at_exit"]
+    cpu = {
+        "pytest": tree - reaped_at_exit,
+        "tests": reaped,
+        "helpers": reaped_at_exit - reaped,
+        "rest": busy - tree,
+    }
     result = SessionResult(
         wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"], busy, share, cpu
     )
