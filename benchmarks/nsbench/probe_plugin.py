@@ -104,16 +104,21 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     path = os.environ.get("NSBENCH_PROBE_OUT")
     if not path or hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller writes the file
-    atexit.register(_write_probe, path, _reaped_cpu_seconds())
+    atexit.register(_write_probe, path, reaped_cpu_seconds())
 
 
-def _reaped_cpu_seconds() -> float:
-    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return reaped.ru_utime + reaped.ru_stime
+def reaped_cpu_seconds() -> float:
+    """The CPU time of this process's reaped children, with every descendant they reaped.
+
+    The kernel adds a child's children's times to it as it reaps them: in the
+    harness, around one session, that is the pytest process and its whole tree.
+    """
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _write_probe(path: str, reaped: float) -> None:
-    cpu = {"reaped": reaped, "reaped_at_exit": _reaped_cpu_seconds()}
+    cpu = {"reaped": reaped, "reaped_at_exit": reaped_cpu_seconds()}
     with open(path, "w") as out:
         json.dump(
             {

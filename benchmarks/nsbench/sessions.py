@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nsbench import machine
+from nsbench.probe_plugin import reaped_cpu_seconds
 
 BENCH_DIR = Path(__file__).resolve().parent.parent
 FULL_SANDBOX = ("--nsbox", "--nsbox-memory=256m", "--nsbox-cpu=1", "--nsbox-pids=64")
@@ -121,7 +121,7 @@ def run_session(
     if timeline_out is not None:
         env["NSBENCH_TIMELINE_OUT"] = str(timeline_out.absolute())
     busy_before, all_before = machine.cpu_ticks()
-    tree_before = _reaped_cpu_seconds()
+    tree_before = reaped_cpu_seconds()
     started = time.perf_counter()
     done = subprocess.run(
         list(argv),
@@ -138,7 +138,7 @@ def run_session(
     busy_ticks, all_ticks = busy_after - busy_before, all_after - all_before
     busy = busy_ticks * machine.CLOCK_TICK
     share = busy_ticks / all_ticks if all_ticks else 0.0
-    tree = _reaped_cpu_seconds() - tree_before
+    tree = reaped_cpu_seconds() - tree_before
     tail = done.stdout.strip().splitlines()[-1:] or [""]
     passed = _PASSED.search(tail[0])
     if done.returncode != 0 or passed is None or int(passed.group(1)) != expected:
@@ -175,16 +175,6 @@ def _timeline(
     if missing:
         raise SessionFailed(f"timeline: tests timed only on one side: {missing[:5]}")
     return sorted((start, *inside[nodeid], finish) for nodeid, (start, finish) in edges.items())
-
-
-def _reaped_cpu_seconds() -> float:
-    """The CPU time of this process's reaped children, with every descendant they reaped.
-
-    Around one session: the pytest process and its whole tree (the kernel
-    adds a child's children's times to it as it reaps them).
-    """
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def ensure_forked_venv(cache: Path) -> tuple[str | None, str]:
