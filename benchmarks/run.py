@@ -650,8 +650,9 @@ def _sessions_and_floor(
         ):
             skipped[row.key] = f"nsbox cannot sandbox here: {report['nsbox_problem']}"
     if isinstance(manager, str):
-        for key in ("cgroup", "full", "full_hostnet", "xdist"):
-            skipped[key] = f"no cgroups: {manager}"
+        for row in ROWS:
+            if row.cgroups:
+                skipped[row.key] = f"no cgroups: {manager}"
     floor = _floor(sections, mode, scratch, project, manager)
     runs = run_rounds(
         [r for r in rows if r.key not in skipped],

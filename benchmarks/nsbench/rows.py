@@ -24,10 +24,13 @@ class Row:
     section: int = 1
     user: bool = False  # run as the plain user (plainuser.PLAIN_USER), in a project it owns
     fork_baseline: str = "fork"  # the fork-only row its "x fork" ratio is taken against
+    cgroups: bool = False  # its sessions set cgroup limits: not run (with why) without cgroups
 
 
-def _step(key: str, label: str, how: str, floor: str) -> Row:
-    return Row(key, label, how, "main", STEPS_PLUGIN, {"NSBENCH_STEP": key}, floor=floor)
+def _step(key: str, label: str, how: str, floor: str, *, cgroups: bool = False) -> Row:
+    return Row(
+        key, label, how, "main", STEPS_PLUGIN, {"NSBENCH_STEP": key}, floor=floor, cgroups=cgroups
+    )
 
 
 ROWS = (
@@ -90,6 +93,7 @@ ROWS = (
         "waiting for init. None of the plugin's other per-test work (settings, usage, "
         "outcomes, records)",
         "full",
+        cgroups=True,
     ),
     Row(
         "full",
@@ -98,6 +102,7 @@ ROWS = (
         "main",
         FULL_SANDBOX,
         floor="full",
+        cgroups=True,
     ),
     Row(
         "full_hostnet",
@@ -107,6 +112,7 @@ ROWS = (
         "the most that sharing one between tests could save",
         "main",
         (*FULL_SANDBOX, "--nsbox-network=host"),
+        cgroups=True,
     ),
     Row(
         "xdist",
@@ -116,6 +122,7 @@ ROWS = (
         (*FULL_SANDBOX, "-n", "2"),
         floor="full",
         section=5,
+        cgroups=True,
     ),
     Row(
         "forked_inline",
@@ -151,6 +158,7 @@ ROWS = (
         FULL_SANDBOX,
         baseline="nsbox8_inline",
         floor="full",
+        cgroups=True,
     ),
     # The rootless path: what a user who runs pytest without root gets (CI
     # runners, laptops). Without cgroups delegated to the user there are no
