@@ -87,7 +87,7 @@ def try_sandbox(privileged: bool, factory: SandboxFactory | None = None) -> str 
     if error is not None:
         return str(error["message"])
     if result.test_status != 0:
-        return f"the probe sandbox did not finish (status {result.child_status})"
+        return f"the probe sandbox did not finish (status {result.test_status})"
     return None
 
 

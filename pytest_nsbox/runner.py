@@ -175,9 +175,10 @@ def run(
 def _init_outlived(prepared: PreparedSandbox, child_status: int | None) -> bool:
     """Whether init is still there now that pytest's child ended (before init is told).
 
-    A child killed by SIGKILL may be one its pid namespace's end took: init
-    kills the namespace's processes on its way out, before its pidfd says
-    it exited, so init gets a moment to finish.
+    A child killed by SIGKILL may be one its pid namespace's end took (a
+    plain user's child ends as its test process did): init kills the
+    namespace's processes on its way out, and its pidfd says it exited only
+    once every one of them has been reaped, so init gets a moment to finish.
     """
     killed = child_status is not None and (
         os.WIFSIGNALED(child_status) and os.WTERMSIG(child_status) == signal.SIGKILL

@@ -575,11 +575,21 @@ def signals_to_reset() -> tuple[tuple[int, Any], ...]:
 
 
 def _wait_and_send_status(test_pid: int, result_fd: int) -> NoReturn:
-    """A plain user's first child: report the test process's wait status, then exit."""
+    """A plain user's first child: report the test process's wait status, then exit.
+
+    A test process killed by SIGKILL is killed here too: pytest sees this
+    process's wait status before it reads the pipe, and a SIGKILL may be the
+    end of the sandbox's pid namespace, whose init is then still exiting
+    (see :func:`pytest_nsbox.runner._init_outlived`), as it is for root's
+    child, which is the test process.
+    """
+    status = 0
     try:
         status = _wait_for(test_pid)
         protocol.send(result_fd, "exit", {"status": status})
     finally:
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+            os.kill(os.getpid(), signal.SIGKILL)
         os._exit(0)
 
 

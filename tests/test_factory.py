@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PlainUser, cgroup_session_dirs, project_spec, run_as, run_one_test_process
+from conftest import (
+    PlainUser,
+    cgroup_session_dirs,
+    project_spec,
+    run_as,
+    run_in_fork_as,
+    run_one_test_process,
+)
 
 from pytest_nsbox import cgroups, kernel, sandbox
 
@@ -363,6 +370,90 @@ def test_init_with_news_stays_until_pytest_read_the_counters(tmp_path: Path) -> 
     finally:
         factory.close()
         manager.close()
+
+
+class _Sleeps(_Noop):
+    """A test process that sleeps for longer than any test here waits."""
+
+    def __init__(self, out: int) -> None:
+        self.out = out
+
+    def run(self) -> None:
+        time.sleep(30)
+
+
+_INIT_KILLED_AFTER = 0.3  # seconds into the test
+_LINGERER_REAPED_AFTER = 0.1  # seconds after init was killed: inside the grace init gets
+
+
+def _init_dies_slowly_under_the_test(spec: sandbox.SandboxSpec) -> tuple[int | None, str | None]:
+    """Kill the sandbox's init under a sleeping test, with init's exit held up for a while.
+
+    A helper forks a process into the sandbox's pid namespace (the
+    lingerer), kills init, and reaps the lingerer ``_LINGERER_REAPED_AFTER``
+    seconds later: init's exit waits for every process of its namespace to
+    be reaped, also those whose parent is outside, so pytest finds the test
+    process killed while init has not yet exited, as it does when the
+    scheduler is slow to run a dying init. Returns the test's wait status
+    and why its run says the sandbox ended.
+    """
+
+    @contextlib.contextmanager
+    def killing_init(prepared: PreparedSandbox) -> Iterator[None]:
+        assert prepared.init_pidfd is not None
+        helper = os.fork()
+        if helper == 0:
+            try:
+                if not spec.privileged:
+                    kernel.setns(prepared.namespaces["outer_user"], kernel.CLONE_NEWUSER, "user")
+                kernel.setns(prepared.namespaces["pid"], kernel.CLONE_NEWPID, "pid")
+                lingerer = os.fork()
+                if lingerer == 0:
+                    signal.pause()
+                    os._exit(0)
+                time.sleep(_INIT_KILLED_AFTER)
+                signal.pidfd_send_signal(prepared.init_pidfd, signal.SIGKILL)
+                time.sleep(_LINGERER_REAPED_AFTER)
+                os.waitpid(lingerer, 0)
+            finally:
+                os._exit(0)
+        try:
+            yield
+        finally:
+            os.waitpid(helper, 0)
+
+    result, _ = run_one_test_process(spec, None, _Sleeps, timeout=30, beside=killing_init)
+    return result.test_status, result.init_lost
+
+
+@pytest.mark.parametrize("as_plain_user", [False, True], ids=["root", "rootless"])
+def test_a_test_killed_by_its_sandboxs_end_names_it(
+    tmp_path: Path, as_plain_user: bool, request: pytest.FixtureRequest
+) -> None:
+    """The test process killed as init dies: its run says the sandbox ended, not a bare SIGKILL.
+
+    pytest reaps its child before init's exit is done (see the helper
+    above). Root's child is the test process; a plain user's is the process
+    that forked it, which ends by the same SIGKILL, so that pytest gives
+    init the same moment to finish.
+    """
+    if as_plain_user:
+        user = request.getfixturevalue("plain_user")
+        project = request.getfixturevalue("user_project")
+        status, init_lost = run_in_fork_as(
+            user,
+            lambda: _init_dies_slowly_under_the_test(  # the spec of the user's own ids
+                project_spec(project, privileged=False, isolate_network=True, list_writes=False)
+            ),
+        )
+    elif os.geteuid() != 0:
+        pytest.skip("root's sandbox needs root")
+    else:
+        spec = project_spec(tmp_path, privileged=True, isolate_network=True, list_writes=False)
+        status, init_lost = _init_dies_slowly_under_the_test(spec)
+    assert status is not None and os.WIFSIGNALED(status), status
+    assert os.WTERMSIG(status) == signal.SIGKILL, status
+    assert init_lost is not None and "the sandbox's init has exited" in init_lost, init_lost
 
 
 @needs_cgroups
