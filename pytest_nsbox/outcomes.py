@@ -23,7 +23,7 @@ import pytest
 from pytest_nsbox import plainreport
 from pytest_nsbox.config import SandboxSettings, format_size
 from pytest_nsbox.runner import SandboxRun
-from pytest_nsbox.sandbox import EXIT_TEST_RUNNER_FAILED
+from pytest_nsbox.sandbox import EXIT_TEST_RUNNER_FAILED, killed_by_sigkill
 
 PHASES = ("setup", "call", "teardown")
 
@@ -208,9 +208,7 @@ def build(
     test_status = run.test_status
     missing = _missing_phase(reports)
     setup_error = run.first("setup_error")
-    test_killed = test_status is None or (
-        os.WIFSIGNALED(test_status) and os.WTERMSIG(test_status) == signal.SIGKILL
-    )
+    test_killed = test_status is None or killed_by_sigkill(test_status)
 
     death: tuple[str, str] | None = None
     if setup_error is not None:

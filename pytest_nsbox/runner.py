@@ -180,10 +180,7 @@ def _init_outlived(prepared: PreparedSandbox, child_status: int | None) -> bool:
     namespace's processes on its way out, and its pidfd says it exited only
     once every one of them has been reaped, so init gets a moment to finish.
     """
-    killed = child_status is not None and (
-        os.WIFSIGNALED(child_status) and os.WTERMSIG(child_status) == signal.SIGKILL
-    )
-    return prepared.alive(_INIT_EXIT_GRACE if killed else 0.0)
+    return prepared.alive(_INIT_EXIT_GRACE if sandbox.killed_by_sigkill(child_status) else 0.0)
 
 
 def _init_lost(prepared: PreparedSandbox, factory: SandboxFactory) -> str:

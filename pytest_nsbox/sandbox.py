@@ -574,6 +574,11 @@ def signals_to_reset() -> tuple[tuple[int, Any], ...]:
     )
 
 
+def killed_by_sigkill(status: int | None) -> bool:
+    """Whether the wait status ``status`` is that of a process SIGKILL ended."""
+    return status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
 def _wait_and_send_status(test_pid: int, result_fd: int) -> NoReturn:
     """A plain user's first child: report the test process's wait status, then exit.
 
@@ -588,7 +593,7 @@ def _wait_and_send_status(test_pid: int, result_fd: int) -> NoReturn:
         status = _wait_for(test_pid)
         protocol.send(result_fd, "exit", {"status": status})
     finally:
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        if killed_by_sigkill(status):
             os.kill(os.getpid(), signal.SIGKILL)
         os._exit(0)
 

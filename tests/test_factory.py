@@ -375,9 +375,6 @@ def test_init_with_news_stays_until_pytest_read_the_counters(tmp_path: Path) -> 
 class _Sleeps(_Noop):
     """A test process that sleeps for longer than any test here waits."""
 
-    def __init__(self, out: int) -> None:
-        self.out = out
-
     def run(self) -> None:
         time.sleep(30)
 
@@ -422,7 +419,9 @@ def _init_dies_slowly_under_the_test(spec: sandbox.SandboxSpec) -> tuple[int | N
         finally:
             os.waitpid(helper, 0)
 
-    result, _ = run_one_test_process(spec, None, _Sleeps, timeout=30, beside=killing_init)
+    result, _ = run_one_test_process(
+        spec, None, lambda out: _Sleeps(), timeout=30, beside=killing_init
+    )
     return result.test_status, result.init_lost
 
 
