@@ -7,7 +7,8 @@ about 170 ms and 10 MB (it brings asyncio, multiprocessing and sqlite3), and
 every fork of pytest pays for its memory again, in page tables copied and
 torn down. So a short-lived interpreter builds the request and prints it;
 the session starts it early (:func:`start_loopback_request`) and reads it
-when the first sandbox needs it. The sandbox's init only sends those bytes
+when the first sandbox needs it, and that interpreter imports only the
+message classes (:func:`helper_main`). The sandbox's init only sends those bytes
 over a plain netlink socket and reads the kernel's acknowledgement, an
 ``nlmsgerr``: a netlink header and a signed errno, decoded with ``struct``.
 Creating a full ``pyroute2.IPRoute`` in every sandbox would cost about five
@@ -96,13 +97,37 @@ class LoopbackRequest:
             helper.communicate()
 
 
+def helper_main() -> None:
+    """The helper interpreter's program: write the request's bytes to stdout.
+
+    Importing any module of pyroute2 first runs the package's
+    ``__init__``, which imports all of pyroute2 (about 150 ms: asyncio,
+    its NDB, sqlite3, conntrack); the request needs its netlink message
+    classes only (about 50 ms). In this interpreter, which does nothing
+    else, the package is registered as a bare module over its own
+    directory, so that only the submodules the request uses are imported.
+    The bytes are the same (tests/test_sandbox.py compares them with those
+    built after a full import).
+    """
+    import importlib.util
+    import types
+
+    found = importlib.util.find_spec("pyroute2")
+    if found is not None and found.submodule_search_locations is not None:
+        package = types.ModuleType("pyroute2")
+        package.__spec__ = found
+        package.__path__ = list(found.submodule_search_locations)
+        sys.modules["pyroute2"] = package
+    sys.stdout.buffer.write(encode_loopback_up())
+
+
 def _helper_command() -> list[str]:
     """This interpreter with this process's import path (-S: no site, the path is given)."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = [package_parent, *sys.path]
     code = (
-        f"import sys; sys.path[:] = {path!r}; from pytest_nsbox.network import encode_loopback_up; "
-        "sys.stdout.buffer.write(encode_loopback_up())"
+        f"import sys; sys.path[:] = {path!r}; from pytest_nsbox.network import helper_main; "
+        "helper_main()"
     )
     return [sys.executable, "-S", "-c", code]
 

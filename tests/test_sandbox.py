@@ -667,6 +667,19 @@ def test_helper_builds_the_same_request_pyroute2_builds_here() -> None:
     assert network.LoopbackRequest().get() == network.encode_loopback_up()
 
 
+def test_the_lo_request_helper_imports_only_the_message_classes() -> None:
+    """Not the pyroute2 package's ``__init__``, which imports all of pyroute2 (3x the time)."""
+    import subprocess
+
+    command = network._helper_command()
+    command[-1] += "; sys.stderr.write(' '.join(sorted(sys.modules)))"
+    done = subprocess.run(command, capture_output=True, check=True)
+    assert done.stdout == network.encode_loopback_up()
+    modules = set(done.stderr.decode().split())
+    assert "pyroute2.netlink.rtnl.ifinfmsg" in modules
+    assert not modules & {"pyroute2.iproute", "pyroute2.ndb", "pyroute2.ipdb", "asyncio"}
+
+
 def test_failed_lo_request_helper_names_the_step_and_the_cause(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
