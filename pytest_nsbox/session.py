@@ -79,9 +79,12 @@ class NsboxSession:
         self.factory = SandboxFactory()
         self.pipeline = SandboxPipeline(self.factory, self._plan_cgroup)
         self._capabilities: probe.Capabilities | None = None
-        if options.sandbox_all and options.defaults.network == "loopback":
-            # Built by a helper interpreter while pytest collects (see network).
-            network.start_loopback_request()
+        if options.sandbox_all:
+            # Both start while pytest collects: the factory's interpreter, and
+            # the helper that builds the lo-up request (see network).
+            if options.defaults.network == "loopback":
+                network.start_loopback_request()
+            self.factory.start()
 
     # -- what this machine can do --------------------------------------------
 

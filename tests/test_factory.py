@@ -1642,6 +1642,42 @@ def test_a_session_that_sandboxes_nothing_keeps_no_factory(pytester: pytest.Pyte
     result.assert_outcomes(passed=1)
 
 
+def test_nsbox_starts_the_factory_before_collection(pytester: pytest.Pytester) -> None:
+    """--nsbox starts the factory at configure, so that its start overlaps collection.
+
+    With -q there is no header, whose probe would start it too; a session
+    sandboxed only by markers does not know at configure that it will need
+    one, and starts none then.
+    """
+    pytester.makeconftest(
+        f"""
+        import os, re
+
+        def pytest_collection(session):
+            me = str(os.getpid()).encode()
+            found = []
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        with open(f"/proc/{{entry}}/cmdline", "rb") as f:
+                            cmdline = f.read()
+                    except OSError:
+                        continue
+                    serving = re.search(rb"serve\\(\\d+, " + me + rb"\\)", cmdline)
+                    if {FACTORY_MODULE!r} in cmdline and serving:
+                        found.append(entry)
+            print(f"factories at collection: {{len(found)}}")
+        """
+    )
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    sandboxed = pytester.runpytest("-q", "-s", "-p", "no:cacheprovider", "--nsbox")
+    sandboxed.assert_outcomes(passed=1)
+    sandboxed.stdout.fnmatch_lines(["factories at collection: 1"])
+    unmarked = pytester.runpytest("-q", "-s", "-p", "no:cacheprovider")
+    unmarked.assert_outcomes(passed=1)
+    unmarked.stdout.fnmatch_lines(["factories at collection: 0"])
+
+
 def test_the_factory_interpreter_does_not_import_threading() -> None:
     """threading's at-fork handler would run in every init the factory forks.
 
