@@ -63,7 +63,9 @@ from nsbench.report import render
 from nsbench.rows import ROWS, Row
 from nsbench.stats import intervals, quantile, summarize
 
-CACHE = sessions.BENCH_DIR / ".cache"
+#: The reference venvs, one set per interpreter: they are made with the one running
+#: the harness, so that every row of a run is on the same Python.
+CACHE = sessions.BENCH_DIR / ".cache" / f"py{sys.version_info[0]}.{sys.version_info[1]}"
 RAWFLOOR = sessions.BENCH_DIR / "nsbench" / "rawfloor.py"
 ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7)
 
@@ -722,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sys.platform.startswith("linux"):
         print("pytest-nsbox benchmarks need Linux", file=sys.stderr)
         return 2
-    CACHE.mkdir(exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
     try:
         report = run(args, mode, scratch)
