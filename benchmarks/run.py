@@ -278,7 +278,10 @@ def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]
     session's of the same round: what a sandboxed test costs the machine,
     in whichever process or kernel thread it was spent; ``cpu_split_ms``
     splits it by whom (:data:`nsbench.sessions.CPU_PARTS`), each part over
-    the inline session's same part.
+    the inline session's same part. ``start_ms`` and ``end_ms``, over the
+    inline session's of the round as well: the session's time from its
+    spawn to its first test's logfinish, and from its last test's to its
+    exit, which the overhead per test holds divided by N.
     """
     table: dict[str, dict[str, Any]] = {}
     for key, entry in runs.items():
@@ -305,6 +308,12 @@ def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]
                 overheads = [(r.wall - b.wall) / n * 1000 for r, b in pairs]
                 cpu = [(r.busy_cpu - b.busy_cpu) / n * 1000 for r, b in pairs]
                 figures["overhead_ms"] = summarize(overheads).as_dict()
+                figures["start_ms"] = summarize(
+                    [(_start(r) - _start(b)) * 1000 for r, b in pairs]
+                ).as_dict()
+                figures["end_ms"] = summarize(
+                    [(_end(r) - _end(b)) * 1000 for r, b in pairs]
+                ).as_dict()
                 figures["cpu_ms"] = summarize(cpu).as_dict()
                 figures["cpu_split_ms"] = {
                     part: summarize(
@@ -313,6 +322,16 @@ def summarize_rows(runs: dict[str, RowRuns], n: int) -> dict[str, dict[str, Any]
                     for part in sessions.CPU_PARTS
                 }
     return table
+
+
+def _start(result: sessions.SessionResult) -> float:
+    """From the session's spawn to its first test's logfinish (interpreter, collection, set-up)."""
+    return result.stamps[0] - result.spawned
+
+
+def _end(result: sessions.SessionResult) -> float:
+    """From the session's last test's logfinish to its exit (summary, unconfigure, exit)."""
+    return result.spawned + result.wall - result.stamps[-1]
 
 
 # -- section 2: the raw floor --------------------------------------------------

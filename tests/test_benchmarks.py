@@ -67,6 +67,10 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
     # With 6 tests the sign of an overhead is noise; that it was computed is the point.
     assert isinstance(overhead["full"]["overhead_ms"]["median"], float)
     assert isinstance(overhead["full"]["cpu_ms"]["median"], float)
+    # A session's start and end, once per session, over inline's: the sandbox's start
+    # includes at least its factory's first sandbox, built while pytest waits.
+    assert overhead["full"]["start_ms"]["median"] > 0, overhead["full"]
+    assert isinstance(overhead["full"]["end_ms"]["median"], float)
     # The split of that CPU by whom adds up to it (one round: the medians are the values),
     # and only the sandbox has a factory and inits to spend it.
     for key in ("fork", "full"):
@@ -129,6 +133,7 @@ def test_tiny_run_reports_every_section(tmp_path: Path, plain_user: PlainUser) -
         assert f"{label} (wall {figures_of['wall_s']:.1f} s)" in report
         assert f"last/first {figures_of['ratio']:.3f}" in report
     assert "CPU ms/test by whom" in report and "factory, inits" in report
+    assert "session, ms over inline's" in report
     # Step by step: a forked test's "before" holds the fork (and the sandbox's set-up),
     # which an inline test's does not; each step was timed on every test but the first.
     timeline = figures["timeline"]

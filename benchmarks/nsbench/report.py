@@ -129,6 +129,7 @@ def _overhead(report: dict[str, Any]) -> list[str]:
         "  ",
     )
     lines += _cpu_split(table)
+    lines += _session_ends(table)
     lines += _timeline(report.get("timeline") or {})
     lines.append("  How each row was measured:")
     for row in ROWS:
@@ -157,6 +158,24 @@ def _cpu_split(table: dict[str, Any]) -> list[str]:
         "(the sandbox factory, with the inits it forked and reaped); the rest: the machine's "
         "busy time beyond the whole tree, mostly kernel threads (RCU, the workqueues that tear "
         "namespaces and cgroups down).",
+    )
+
+
+def _session_ends(table: dict[str, Any]) -> list[str]:
+    """What a session spends before its first test ends and after its last: once, not per test."""
+    rows = []
+    for row in ROWS:
+        figures = table.get(row.key, {})
+        if row.section == 1 and "start_ms" in figures:
+            rows.append([row.label, _band(figures["start_ms"]), _band(figures["end_ms"])])
+    header = ["session, ms over inline's", "start", "end"]
+    return _subtable(
+        header,
+        rows,
+        "start: from the session's spawn to its first test's logfinish (the interpreter, "
+        "plugins, collection, the first test and its sandbox); end: from its last test's "
+        "logfinish to its exit. Each over the inline session's of the same round (of its own "
+        "venv): the overhead per test above holds them, divided by N.",
     )
 
 

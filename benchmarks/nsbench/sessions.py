@@ -95,6 +95,9 @@ class SessionResult:
     #: reaped later: the sandbox factory and the inits the factory reaped), "rest" (the
     #: machine's busy time beyond the tree: kernel threads).
     cpu: dict[str, float] = field(default_factory=dict)
+    #: When the session was spawned, on the clock of ``stamps`` (perf_counter, the
+    #: system-wide CLOCK_MONOTONIC): its start is ``stamps[0] - spawned``.
+    spawned: float = 0.0
     #: With a timeline (run_session's ``timeline_out``), per test in order: pytest's
     #: logstart, the test process's setup, its teardown report, pytest's logfinish.
     timeline: list[tuple[float, float, float, float]] = field(default_factory=list)
@@ -157,6 +160,7 @@ def run_session(
     result = SessionResult(
         wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"], busy, share, cpu
     )
+    result.spawned = started
     if timeline_out is not None:
         result.timeline = _timeline(probe["edges"], timeline_out)
     return result
