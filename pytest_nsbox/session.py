@@ -42,6 +42,15 @@ def _process_name() -> str:
         return "python"
 
 
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    """A pytest-xdist controller (``-n N``, N > 0): its workers run the tests.
+
+    Known at configure from the options (xdist sets ``dist`` from ``-n``
+    before configure); its ``dsession`` plugin is registered only later.
+    """
+    return config.getoption("dist", "no") != "no" and not hasattr(config, "workerinput")
+
+
 def counted_usage(run: SandboxRun, cgroup: cgroups.SandboxCgroup | None) -> cgroups.Usage | None:
     """The cgroup's counters of a finished sandbox; None where there are none to read.
 
@@ -84,7 +93,8 @@ class NsboxSession:
             # the helper that builds the lo-up request (see network).
             if options.defaults.network == "loopback":
                 network.start_loopback_request()
-            self.factory.start()
+            if not _is_xdist_controller(config):
+                self.factory.start()
 
     # -- what this machine can do --------------------------------------------
 

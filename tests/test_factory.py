@@ -1678,6 +1678,38 @@ def test_nsbox_starts_the_factory_before_collection(pytester: pytest.Pytester) -
     unmarked.stdout.fnmatch_lines(["factories at collection: 0"])
 
 
+def test_an_xdist_controller_keeps_no_factory(pytester: pytest.Pytester) -> None:
+    """-n 2 -q: the controller runs no test and, without a header to probe, starts no factory."""
+    pytester.makeconftest(
+        f"""
+        import os, re
+
+        def pytest_sessionfinish(session):
+            if hasattr(session.config, "workerinput"):
+                return
+            me = str(os.getpid()).encode()
+            found = []
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        with open(f"/proc/{{entry}}/cmdline", "rb") as f:
+                            cmdline = f.read()
+                    except OSError:
+                        continue
+                    serving = re.search(rb"serve\\(\\d+, " + me + rb"\\)", cmdline)
+                    if {FACTORY_MODULE!r} in cmdline and serving:
+                        found.append(entry)
+            print(f"controller's factories: {{len(found)}}")
+        """
+    )
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    result = pytester.runpytest_subprocess(
+        "-q", "-s", "-p", "no:cacheprovider", "--nsbox", "-n", "2"
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*controller's factories: 0"])
+
+
 def test_the_factory_interpreter_does_not_import_threading() -> None:
     """threading's at-fork handler would run in every init the factory forks.
 
