@@ -49,6 +49,26 @@ except cgroups.CgroupUnavailable:
 needs_cgroups = pytest.mark.skipif(not HAVE_CGROUPS, reason="needs cgroups")
 
 FACTORY_MODULE = b"pytest_nsbox.factory"
+# For inner conftests and test modules: the sandbox factories serving their pytest process.
+FACTORIES_OF_THIS_PYTEST = f"""
+import os, re
+
+def factories_of_this_pytest():
+    me = str(os.getpid()).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{{entry}}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            serving = re.search(rb"serve\\(\\d+, " + me + rb"\\)", cmdline)
+            if {FACTORY_MODULE!r} in cmdline and serving:
+                found.append(entry)
+    return found
+"""
+
 with open("/proc/self/comm") as _comm:
     PROCESS_NAME = _comm.read().strip()  # what a fork of an in-process session's test is called
 
@@ -1621,21 +1641,13 @@ def test_factory_death_while_idle_then_more_tests(
 def test_a_session_that_sandboxes_nothing_keeps_no_factory(pytester: pytest.Pytester) -> None:
     """The header's probe starts the factory; with no sandboxed test it is gone after collection."""
     pytester.makepyfile(
-        test_plain=f"""
-        import os, re
-
-        def test_no_factory_while_tests_run():
-            me = str(os.getpid()).encode()
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        cmdline = open(f"/proc/{{entry}}/cmdline", "rb").read()
-                    except OSError:
-                        continue
-                    assert not (
-                        {FACTORY_MODULE!r} in cmdline and re.search(rb"serve\\(\\d+, " + me + rb"\\)", cmdline)
-                    ), f"factory {{entry}} still running"
-        """
+        test_plain=FACTORIES_OF_THIS_PYTEST
+        + textwrap.dedent(
+            """
+            def test_no_factory_while_tests_run():
+                assert factories_of_this_pytest() == []
+            """
+        )
     )
     result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly")
     result.stdout.fnmatch_lines(["nsbox: *namespaces*"])  # the header still probed
@@ -1650,24 +1662,13 @@ def test_nsbox_starts_the_factory_before_collection(pytester: pytest.Pytester) -
     one, and starts none then.
     """
     pytester.makeconftest(
-        f"""
-        import os, re
-
-        def pytest_collection(session):
-            me = str(os.getpid()).encode()
-            found = []
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        with open(f"/proc/{{entry}}/cmdline", "rb") as f:
-                            cmdline = f.read()
-                    except OSError:
-                        continue
-                    serving = re.search(rb"serve\\(\\d+, " + me + rb"\\)", cmdline)
-                    if {FACTORY_MODULE!r} in cmdline and serving:
-                        found.append(entry)
-            print(f"factories at collection: {{len(found)}}")
-        """
+        FACTORIES_OF_THIS_PYTEST
+        + textwrap.dedent(
+            """
+            def pytest_collection(session):
+                print(f"factories at collection: {len(factories_of_this_pytest())}")
+            """
+        )
     )
     pytester.makepyfile(test_one="def test_one():\n    pass\n")
     sandboxed = pytester.runpytest("-q", "-s", "-p", "no:cacheprovider", "--nsbox")
@@ -1681,26 +1682,14 @@ def test_nsbox_starts_the_factory_before_collection(pytester: pytest.Pytester) -
 def test_an_xdist_controller_keeps_no_factory(pytester: pytest.Pytester) -> None:
     """-n 2 -q: the controller runs no test and, without a header to probe, starts no factory."""
     pytester.makeconftest(
-        f"""
-        import os, re
-
-        def pytest_sessionfinish(session):
-            if hasattr(session.config, "workerinput"):
-                return
-            me = str(os.getpid()).encode()
-            found = []
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        with open(f"/proc/{{entry}}/cmdline", "rb") as f:
-                            cmdline = f.read()
-                    except OSError:
-                        continue
-                    serving = re.search(rb"serve\\(\\d+, " + me + rb"\\)", cmdline)
-                    if {FACTORY_MODULE!r} in cmdline and serving:
-                        found.append(entry)
-            print(f"controller's factories: {{len(found)}}")
-        """
+        FACTORIES_OF_THIS_PYTEST
+        + textwrap.dedent(
+            """
+            def pytest_sessionfinish(session):
+                if not hasattr(session.config, "workerinput"):
+                    print(f"controller's factories: {len(factories_of_this_pytest())}")
+            """
+        )
     )
     pytester.makepyfile(test_one="def test_one():\n    pass\n")
     result = pytester.runpytest_subprocess(
