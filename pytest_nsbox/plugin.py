@@ -24,7 +24,7 @@ from pytest_nsbox.config import (
     marker_help,
     settings_for_item,
 )
-from pytest_nsbox.session import NsboxSession
+from pytest_nsbox.session import NsboxSession, is_xdist_controller
 
 settings_key = pytest.StashKey[SandboxSettings]()
 session_key = pytest.StashKey[NsboxSession]()
@@ -61,7 +61,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     if nsbox is None or not sys.platform.startswith("linux"):
         return None
     header = "nsbox: " + nsbox.describe()
-    if config.pluginmanager.has_plugin("dsession"):
+    if is_xdist_controller(config):
         # A pytest-xdist controller runs no test: its workers have factories of their own.
         nsbox.factory.close()
         network.discard_loopback_request()

@@ -42,13 +42,20 @@ def _process_name() -> str:
         return "python"
 
 
-def _is_xdist_controller(config: pytest.Config) -> bool:
+def is_xdist_controller(config: pytest.Config) -> bool:
     """A pytest-xdist controller (``-n N``, N > 0): its workers run the tests.
 
-    Known at configure from the options (xdist sets ``dist`` from ``-n``
-    before configure); its ``dsession`` plugin is registered only later.
+    pytest-xdist's own condition for registering its ``dsession`` plugin,
+    read from the options, so that it holds from configure on (xdist sets
+    ``dist`` and ``tx`` from ``-n`` before configure, and registers the
+    plugin in a configure hook that runs last). Its workers run with
+    ``dist`` set back to "no".
     """
-    return config.getoption("dist", "no") != "no" and not hasattr(config, "workerinput")
+    return (
+        config.getoption("dist", "no") != "no"
+        and bool(config.getoption("tx", None))
+        and not config.getoption("collectonly")
+    )
 
 
 def counted_usage(run: SandboxRun, cgroup: cgroups.SandboxCgroup | None) -> cgroups.Usage | None:
@@ -93,7 +100,7 @@ class NsboxSession:
             # the helper that builds the lo-up request (see network).
             if options.defaults.network == "loopback":
                 network.start_loopback_request()
-            if not _is_xdist_controller(config):
+            if not is_xdist_controller(config):
                 self.factory.start()
 
     # -- what this machine can do --------------------------------------------
