@@ -8,11 +8,11 @@ every fork of pytest pays for its memory again, in page tables copied and
 torn down. So a short-lived interpreter builds the request and prints it;
 the session starts it early (:func:`start_loopback_request`) and reads it
 when the first sandbox needs it, and that interpreter imports only the
-message classes (:func:`helper_main`). The sandbox's init only sends those bytes
-over a plain netlink socket and reads the kernel's acknowledgement, an
-``nlmsgerr``: a netlink header and a signed errno, decoded with ``struct``.
-Creating a full ``pyroute2.IPRoute`` in every sandbox would cost about five
-times the whole network step.
+message classes (:func:`helper_main`). The sandbox's init only sends those
+bytes over a plain netlink socket and reads the kernel's acknowledgement,
+an ``nlmsgerr``: a netlink header and a signed errno, decoded with
+``struct``. Creating a full ``pyroute2.IPRoute`` in every sandbox would
+cost about five times the whole network step.
 """
 
 from __future__ import annotations

@@ -158,9 +158,16 @@ def run_session(
         "rest": busy - tree,
     }
     result = SessionResult(
-        wall, probe["stamps"], probe["samples"], probe["pid"], probe["uid"], busy, share, cpu
+        wall,
+        probe["stamps"],
+        probe["samples"],
+        probe["pid"],
+        probe["uid"],
+        busy,
+        share,
+        cpu,
+        spawned=started,
     )
-    result.spawned = started
     if timeline_out is not None:
         result.timeline = _timeline(probe["edges"], timeline_out)
     return result
